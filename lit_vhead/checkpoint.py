@@ -1,0 +1,150 @@
+"""Reading value-head tensors from TRL/HF checkpoint files, and writing directories atomically.
+
+TRL re-read the whole checkpoint to find two small tensors and could not read local shards (trl#1917). Here only the
+``v_head.*`` tensors are read (lazily from safetensors, memory-mapped from pickles with ``weights_only=True``), from
+single files or shards, locally or from the HF hub/cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+V_HEAD_PREFIX = "v_head."
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+# Files a save writes; a re-save replaces them, and everything else in the directory (a tokenizer...) is kept.
+WEIGHT_FILE_PREFIXES = ("model", "pytorch_model", "adapter_model", "adapter_config", "config.json", "generation_config")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read: truncated, corrupt or of another architecture."""
+
+
+def _read_safetensors(path: str, want: callable) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if want(k)}
+    except Exception as err:  # safetensors raises its own error types (SafetensorError, OSError...)
+        raise CheckpointError(
+            f"Cannot read the checkpoint file '{path}': {err}. It is truncated or corrupt; save or download it again."
+        ) from err
+
+
+def _read_pickle(path: str, want: callable) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # pickle, zip and EOF errors all mean the same thing to the user
+        raise CheckpointError(
+            f"Cannot read the checkpoint file '{path}': {err}. It is truncated, corrupt or holds more than tensors "
+            "(only weights_only=True pickles are loaded); save or download it again."
+        ) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"'{path}' does not hold a state dict (found {type(state).__name__}).")
+    return {k: v for k, v in state.items() if want(k)}
+
+
+def read_tensors(path: str, want: callable = lambda key: True) -> dict[str, torch.Tensor]:
+    """The tensors of one weights file whose keys satisfy ``want``."""
+    return _read_safetensors(path, want) if path.endswith(".safetensors") else _read_pickle(path, want)
+
+
+def _fetch(name_or_path: str, filename: str, hub_kwargs: dict) -> str | None:
+    """Local path of ``filename`` in a local dir, or in a hub repo (cache first); None if it does not exist."""
+    if os.path.isdir(name_or_path):
+        candidate = os.path.join(name_or_path, filename)
+        return candidate if os.path.isfile(candidate) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        return hf_hub_download(name_or_path, filename, **hub_kwargs)
+    except (EntryNotFoundError, LocalEntryNotFoundError, HFValidationError, RepositoryNotFoundError, OSError):
+        return None
+
+
+def load_value_head_state(name_or_path: str, hub_kwargs: dict | None = None) -> dict[str, torch.Tensor] | None:
+    """The ``v_head.*`` tensors (prefix stripped) saved with a checkpoint, or None when it has none.
+
+    Looks at ``model.safetensors``, its shard index, ``pytorch_model.bin`` and its shard index, in that order, and reads
+    only the shards that hold value-head keys.
+    """
+    hub_kwargs = hub_kwargs or {}
+    is_v_head = lambda key: key.startswith(V_HEAD_PREFIX)  # noqa: E731
+    for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (PICKLE_WEIGHTS, PICKLE_INDEX)):
+        found: dict[str, torch.Tensor] = {}
+        file = _fetch(name_or_path, single, hub_kwargs)
+        if file is not None:
+            found = read_tensors(file, is_v_head)
+        else:
+            index_file = _fetch(name_or_path, index, hub_kwargs)
+            if index_file is None:
+                continue
+            try:
+                weight_map = json.loads(Path(index_file).read_text())["weight_map"]
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"Cannot read the shard index '{index_file}': {err}.") from err
+            for shard in sorted({f for k, f in weight_map.items() if is_v_head(k)}):
+                shard_file = _fetch(name_or_path, shard, hub_kwargs)
+                if shard_file is None:
+                    raise CheckpointError(f"The shard '{shard}' listed in '{index_file}' is missing.")
+                found.update(read_tensors(shard_file, is_v_head))
+        if found:
+            return {k[len(V_HEAD_PREFIX) :]: v for k, v in found.items()}
+    return None
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.startswith(WEIGHT_FILE_PREFIXES)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
+    """Yield a temporary sibling directory to write into; on success it replaces ``target``.
+
+    Files already in ``target`` that the new save does not write (a tokenizer, notes) are kept; old weight files are
+    dropped so no stale shard survives. If the body raises, ``target`` is left exactly as it was.
+    """
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield str(tmp)
+        if target.is_dir():
+            for old in target.iterdir():
+                if not _is_weight_file(old.name) and not (tmp / old.name).exists():
+                    (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
+            backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, backup)
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary name in the same directory, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,482 @@
+"""TRL's value-head models (``PreTrainedModelWrapper`` and its causal / seq2seq subclasses) on transformers 5.
+
+Same public names, signatures and checkpoint format as TRL (``v_head.summary.*`` keys next to the HF keys), minus
+TRL's bugs: the wrapper nests in a LightningModule or DDP (``state_dict`` recursion works, ``load_state_dict``
+round-trips), the plain constructor gives a working model, the head's dropout follows the wrapper's train/eval mode,
+``forward`` keeps no per-layer hidden states, local shards load, and no hub call is made for a local path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+import warnings
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
+
+from lit_vhead.checkpoint import (
+    ADAPTER_CONFIG,
+    PICKLE_WEIGHTS,
+    SAFE_WEIGHTS,
+    V_HEAD_PREFIX,
+    CheckpointError,
+    _fetch,
+    atomic_directory,
+    load_value_head_state,
+    read_tensors,
+)
+from lit_vhead.value_head import ValueHead, check_init_strategy, mask_values
+
+try:  # peft is a dependency, but the value-head models work without it (TRL's test_no_peft)
+    from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+except ImportError:  # pragma: no cover - exercised only where peft is absent
+    PeftConfig = PeftModel = get_peft_model = prepare_model_for_kbit_training = None
+
+_HUB_KWARGS = ("token", "revision", "cache_dir", "local_files_only", "force_download", "subfolder")
+
+
+def _peft_classes() -> tuple[type, ...]:
+    return (PeftModel,) if PeftModel is not None else ()
+
+
+class PreTrainedModelWrapper(nn.Module):
+    """Wraps a ``transformers.PreTrainedModel`` (or a ``peft.PeftModel``) and adds heads to it.
+
+    Subclasses set ``transformers_parent_class`` (the Auto class that loads the base) and ``supported_args`` (the
+    keyword arguments that configure the head rather than the base).
+    """
+
+    transformers_parent_class: Any = None
+    supported_args: tuple[str, ...] = ()
+    supported_modules = ("v_head",)
+    supported_rm_modules = ("score",)
+    supported_pretrained_model_architectures = (PreTrainedModel, *_peft_classes())
+
+    def __init__(
+        self,
+        pretrained_model: PreTrainedModel | None = None,
+        score_module: nn.Module | None = None,
+        supports_rm_adapter: bool = False,
+        rm_adapter_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not isinstance(pretrained_model, self.supported_pretrained_model_architectures):
+            raise ValueError(
+                f"pretrained_model must be a transformers PreTrainedModel or a peft PeftModel, got "
+                f"{type(pretrained_model).__name__}; build it with `{type(self).__name__}.from_pretrained(...)`."
+            )
+        self.pretrained_model = pretrained_model
+        self.config = pretrained_model.config
+        self.is_peft_model = PeftModel is not None and isinstance(pretrained_model, PeftModel)
+        self.is_loaded_in_8bit = getattr(pretrained_model, "is_loaded_in_8bit", False)
+        self.is_loaded_in_4bit = getattr(pretrained_model, "is_loaded_in_4bit", False)
+        self.is_sequential_parallel = False
+        self.supports_rm_adapter = supports_rm_adapter
+        self.rm_adapter_name = rm_adapter_name
+        self.policy_adapter_name = pretrained_model.active_adapter if self.is_peft_model else "default"
+        if score_module is not None:
+            self.score = score_module
+
+    # ---------------------------------------------------------------- attributes users expect from a HF model
+    @property
+    def current_device(self) -> torch.device:
+        return next(self.pretrained_model.parameters()).device
+
+    device = current_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pretrained_model.dtype
+
+    @property
+    def generation_config(self):
+        return self.pretrained_model.generation_config
+
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The transformers model under any PEFT wrapping."""
+        return self.pretrained_model.get_base_model() if self.is_peft_model else self.pretrained_model
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict:
+        return self.pretrained_model.prepare_inputs_for_generation(*args, **kwargs)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        self.pretrained_model.gradient_checkpointing_enable(*args, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.pretrained_model.gradient_checkpointing_disable()
+
+    def enable_input_require_grads(self) -> None:
+        self.pretrained_model.enable_input_require_grads()
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def _split_kwargs(cls, kwargs: dict) -> tuple[dict, dict, dict]:
+        """Split into (head kwargs, transformers kwargs, kbit-training kwargs) by the callee's real parameters.
+
+        TRL matched against ``co_varnames`` (local variable names too), silently stealing kwargs such as ``name``.
+        """
+        kbit_names = set()
+        if prepare_model_for_kbit_training is not None:
+            kbit_names = set(inspect.signature(prepare_model_for_kbit_training).parameters) - {"model"}
+        head, hf, kbit = {}, {}, {}
+        for key, value in kwargs.items():
+            (head if key in cls.supported_args else kbit if key in kbit_names else hf)[key] = value
+        return head, hf, kbit
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any):
+        """Load the base model (hub id, local dir or instance), optional PEFT adapters and the saved value head.
+
+        Keyword arguments named in ``supported_args`` configure the head; ``peft_config``, ``is_trainable``,
+        ``reward_adapter`` and ``reward_adapter_name`` configure PEFT; the rest go to transformers.
+        """
+        peft_config = kwargs.pop("peft_config", None)
+        reward_adapter = kwargs.pop("reward_adapter", None)
+        reward_adapter_name = kwargs.pop("reward_adapter_name", "reward_adapter")
+        is_trainable = kwargs.pop("is_trainable", False)
+        head_kwargs, hf_kwargs, kbit_kwargs = cls._split_kwargs(kwargs)
+        check_init_strategy(head_kwargs.get("v_head_init_strategy"))
+        if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
+            raise ValueError(
+                "The `reward_adapter` argument should be a string representing the name of local path or the Hub "
+                f"id to the Reward Modeling adapter; got {type(reward_adapter).__name__}."
+            )
+        if peft_config is not None and (PeftConfig is None or not isinstance(peft_config, PeftConfig)):
+            raise ValueError(
+                f"The `peft_config` argument should be an instance of `peft.PeftConfig` class, got "
+                f"{type(peft_config).__name__}."
+            )
+        hub_kwargs = {k: hf_kwargs[k] for k in _HUB_KWARGS if k in hf_kwargs}
+        v_head_state = None
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            path = os.fspath(pretrained_model_name_or_path)
+            adapter_config = _fetch(path, ADAPTER_CONFIG, hub_kwargs) if PeftModel is not None else None
+            if adapter_config is not None:
+                if peft_config is not None:
+                    warnings.warn(f"`peft_config` argument ignored since a peft config file was found in {path}")
+                base_path = PeftConfig.from_pretrained(path, **hub_kwargs).base_model_name_or_path
+                base = cls.transformers_parent_class.from_pretrained(base_path, *model_args, **hf_kwargs)
+                base = PeftModel.from_pretrained(base, path, is_trainable=is_trainable, **hub_kwargs)
+            else:
+                base = cls.transformers_parent_class.from_pretrained(path, *model_args, **hf_kwargs)
+                base = cls._maybe_add_peft(base, peft_config, kbit_kwargs)
+            v_head_state = load_value_head_state(path, hub_kwargs)
+            if v_head_state is None:
+                warnings.warn(
+                    f"No value-head weights (v_head.*) found in '{path}': the value head is freshly initialised. "
+                    "This is expected when starting PPO from a plain language model, not when resuming.",
+                    stacklevel=2,
+                )
+        elif isinstance(pretrained_model_name_or_path, cls.supported_pretrained_model_architectures):
+            base = pretrained_model_name_or_path
+            if PeftModel is not None and isinstance(base, PeftModel) and peft_config is not None:
+                warnings.warn("`peft_config` argument ignored since the model is already a PeftModel.")
+            else:
+                base = cls._maybe_add_peft(base, peft_config, kbit_kwargs)
+        else:
+            raise ValueError(
+                "pretrained_model_name_or_path should be a string or a PreTrainedModel, but is "
+                f"{type(pretrained_model_name_or_path)}"
+            )
+
+        is_peft = PeftModel is not None and isinstance(base, PeftModel)
+        if is_peft and base.active_peft_config.is_prompt_learning:
+            raise ValueError("PromptLearningConfig is not supported for PPO training.")
+        score = None
+        if reward_adapter is not None:
+            if not is_peft:
+                raise ValueError("reward_adapter can only be used with a PeftModel. ")
+            score = cls.add_and_load_reward_modeling_adapter(
+                base, os.fspath(reward_adapter), reward_adapter_name, token=hub_kwargs.get("token")
+            )
+        model = cls(
+            base,
+            score_module=score,
+            supports_rm_adapter=score is not None,
+            rm_adapter_name=reward_adapter_name if score is not None else None,
+            **head_kwargs,
+        )
+        if v_head_state is not None:
+            model.post_init(v_head_state)
+        return model
+
+    @staticmethod
+    def _maybe_add_peft(base: PreTrainedModel, peft_config: Any, kbit_kwargs: dict) -> PreTrainedModel:
+        if peft_config is None:
+            return base
+        if getattr(base, "is_loaded_in_8bit", False) or getattr(base, "is_loaded_in_4bit", False):
+            base = prepare_model_for_kbit_training(base, **kbit_kwargs)
+        return get_peft_model(base, peft_config)
+
+    @classmethod
+    def add_and_load_reward_modeling_adapter(
+        cls,
+        pretrained_model: Any,
+        adapter_model_id: str,
+        adapter_name: str = "reward_model_adapter",
+        token: str | None = None,
+    ) -> nn.Module:
+        """Load a sequence-classification LoRA as a second, frozen adapter and return its ``score`` head."""
+        pretrained_model.load_adapter(adapter_model_id, adapter_name, is_trainable=False)
+        hub_kwargs = {"token": token} if token else {}
+        weights = None
+        for filename in ("adapter_model.safetensors", "adapter_model.bin"):
+            weights = _fetch(adapter_model_id, filename, hub_kwargs)
+            if weights is not None:
+                break
+        if weights is None:
+            raise ValueError(
+                f"Could not find adapter weights (adapter_model.safetensors or .bin) in '{adapter_model_id}'; make sure "
+                "you have the correct adapter model id or path."
+            )
+        score_state = read_tensors(weights, lambda key: any(f"{name}." in key for name in cls.supported_rm_modules))
+        if "weight" not in {k.rsplit(".", 1)[-1] for k in score_state}:
+            raise ValueError(
+                f"The adapter '{adapter_model_id}' has no `score` head weights; it must be a sequence-classification "
+                "(task_type='SEQ_CLS') adapter."
+            )
+        score_state = {k.rsplit(".", 1)[-1]: v for k, v in score_state.items()}
+        num_labels, hidden_dim = score_state["weight"].shape
+        device = next(pretrained_model.parameters()).device
+        score = nn.Linear(hidden_dim, num_labels, bias="bias" in score_state).to(device, pretrained_model.dtype)
+        score.load_state_dict(score_state)
+        score.requires_grad_(False)
+        return score
+
+    # ---------------------------------------------------------------- state
+    def post_init(self, state_dict: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> dict:
+        """TRL's format at the top level: the HF keys plus ``v_head.*`` (PEFT: the ``v_head.*`` keys only).
+
+        When a parent module (a LightningModule, DDP) recurses into the wrapper, ``destination`` or ``prefix`` is
+        set and the ordinary ``nn.Module`` keys are produced, so nesting just works.
+        """
+        if args or destination is not None or prefix:
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        state = {} if self.is_peft_model else self.pretrained_model.state_dict(keep_vars=keep_vars)
+        for module_name in self.supported_modules:
+            for key, value in getattr(self, module_name).state_dict(keep_vars=keep_vars).items():
+                state[f"{module_name}.{key}"] = value
+        return state
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        """Accepts both TRL's format (what ``state_dict()`` returns) and the nested ``nn.Module`` format."""
+        if any(k.startswith("pretrained_model.") for k in state_dict):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        heads = {k: v for k, v in state_dict.items() if k.split(".", 1)[0] in self.supported_modules}
+        base = {k: v for k, v in state_dict.items() if k not in heads}
+        missing, unexpected = [], []
+        if base or not self.is_peft_model:
+            result = self.pretrained_model.load_state_dict(base, strict=strict, assign=assign)
+            missing += result.missing_keys
+            unexpected += result.unexpected_keys
+        for module_name in self.supported_modules:
+            own = {k[len(module_name) + 1 :]: v for k, v in heads.items() if k.startswith(f"{module_name}.")}
+            result = getattr(self, module_name).load_state_dict(own, strict=strict, assign=assign)
+            missing += [f"{module_name}.{k}" for k in result.missing_keys]
+            unexpected += [f"{module_name}.{k}" for k in result.unexpected_keys]
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Write the base (or its adapters) and the value head, atomically.
+
+        Full models: one HF checkpoint with the ``v_head.*`` tensors inside (loads in TRL and in plain transformers).
+        PEFT models: the adapter files plus ``model.safetensors`` holding only the ``v_head.*`` tensors (TRL wrote a
+        pickle; ``safe_serialization=False`` still writes ``pytorch_model.bin``). The directory need not exist; if it
+        does, files other than the weights (a tokenizer) are kept, and a failed save leaves it untouched.
+        """
+        state_dict = kwargs.pop("state_dict", None) or self.state_dict()
+        safe = kwargs.get("safe_serialization", True)
+        with atomic_directory(save_directory) as tmp:
+            if self.is_peft_model:
+                heads = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k.startswith(V_HEAD_PREFIX)}
+                if safe:
+                    from safetensors.torch import save_file
+
+                    save_file(heads, os.path.join(tmp, SAFE_WEIGHTS), metadata={"format": "pt"})
+                else:
+                    torch.save(heads, os.path.join(tmp, PICKLE_WEIGHTS))
+                kwargs.pop("safe_serialization", None)
+                self.pretrained_model.save_pretrained(tmp, *args, **kwargs)
+            else:
+                self.pretrained_model.save_pretrained(tmp, *args, state_dict=state_dict, **kwargs)
+
+    def push_to_hub(self, repo_id: str, commit_message: str = "Upload model with value head", **kwargs: Any) -> Any:
+        """Upload what ``save_pretrained`` writes (value head included, also for PEFT models) to the hub.
+
+        Unlike TRL, the base model is not mutated (TRL attached ``v_head`` to it for good).
+        """
+        from huggingface_hub import HfApi
+
+        hub_args = {k: kwargs.pop(k) for k in ("token", "private", "revision", "create_pr") if k in kwargs}
+        api = HfApi(token=hub_args.get("token"))
+        repo = api.create_repo(repo_id, private=hub_args.get("private"), exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(os.path.join(tmp, "model"), **kwargs)
+            return api.upload_folder(
+                repo_id=repo.repo_id,
+                folder_path=os.path.join(tmp, "model"),
+                commit_message=commit_message,
+                revision=hub_args.get("revision"),
+                create_pr=hub_args.get("create_pr", False),
+            )
+
+    # ---------------------------------------------------------------- running
+    @contextmanager
+    def _capture_last_hidden_state(self):
+        """Capture the decoder's last hidden state (what TRL read from ``hidden_states[-1]``) with a hook.
+
+        ``output_hidden_states=True`` would keep every layer's output alive; the hook keeps only the last one, which
+        the LM head reads anyway. It is removed on exit, so deep copies and pickles carry no hook.
+        """
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            captured["hidden"] = output[0]
+
+        handle = self.hf_model.get_decoder().register_forward_hook(hook)
+        try:
+            yield captured
+        finally:
+            handle.remove()
+
+    def _base_forward(self, **kwargs: Any) -> tuple[Any, torch.Tensor]:
+        """Run the base model; return (its output, the last hidden state)."""
+        kwargs["return_dict"] = True
+        with self._capture_last_hidden_state() as captured:
+            output = self.pretrained_model(**kwargs)
+        return output, captured["hidden"]
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``generate`` of the base model (token ids, no values)."""
+        return self.pretrained_model.generate(*args, **kwargs)
+
+    def compute_reward_score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """Per-token scores ``[B, T, num_labels]`` of the reward adapter, without gradients.
+
+        The policy adapter and the train/eval mode are restored afterwards (TRL left the model in eval mode).
+        """
+        if not self.supports_rm_adapter:
+            raise ValueError("This model does not support reward modeling adapter.")
+        was_training = self.training
+        previous = self.pretrained_model.active_adapter
+        self.eval()
+        try:
+            self.pretrained_model.set_adapter(self.rm_adapter_name)
+            with torch.no_grad():
+                _, hidden = self._base_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+                return self.score(hidden.to(self.score.weight.dtype))
+        finally:
+            self.pretrained_model.set_adapter(previous)
+            self.train(was_training)
+
+
+class _ValueHeadModel(PreTrainedModelWrapper):
+    """What the causal and seq2seq classes share: the head, its init, loading its weights, the forward pass."""
+
+    supported_args = ("summary_dropout_prob", "v_head_initializer_range", "v_head_init_strategy")
+
+    def __init__(self, pretrained_model: PreTrainedModel, **kwargs: Any) -> None:
+        head_kwargs, _, _ = self._split_kwargs(kwargs)
+        check_init_strategy(head_kwargs.get("v_head_init_strategy"))
+        super().__init__(pretrained_model, **kwargs)
+        self._check_lm_head()
+        self.v_head = ValueHead(self.config, **head_kwargs)
+        self._init_weights(**head_kwargs)
+        output_embeddings = self.hf_model.get_output_embeddings()
+        self.v_head.to(output_embeddings.weight.device)
+        self.train(pretrained_model.training)  # the head's dropout follows the base's mode
+
+    def _check_lm_head(self) -> None:
+        if self.hf_model.get_output_embeddings() is None or not hasattr(self.hf_model, "generate"):
+            raise ValueError(
+                f"{type(self.hf_model).__name__} has no language-model head; load it with "
+                f"{self.transformers_parent_class.__name__} (e.g. GPT2LMHeadModel, not GPT2Model)."
+            )
+
+    def _init_weights(self, **kwargs: Any) -> None:
+        """Initialise the head: ``v_head_init_strategy`` None (nn.Linear default) or "normal" (std 0.2, bias 0)."""
+        self.v_head.reset_parameters(
+            kwargs.get("v_head_init_strategy"), kwargs.get("v_head_initializer_range", 0.2)
+        )
+
+    def post_init(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load value-head weights, given with or without the ``v_head.`` prefix (other keys are ignored)."""
+        head = {k[len(V_HEAD_PREFIX) :] if k.startswith(V_HEAD_PREFIX) else k: v for k, v in state_dict.items()}
+        head = {k: v for k, v in head.items() if k in ("summary.weight", "summary.bias")}
+        expected = self.v_head.summary.weight.shape
+        if "summary.weight" in head and head["summary.weight"].shape != expected:
+            raise CheckpointError(
+                f"The saved value head has shape {tuple(head['summary.weight'].shape)} but this "
+                f"{type(self.hf_model).__name__} needs {tuple(expected)}: the checkpoint is from another architecture."
+            )
+        self.v_head.load_state_dict(head, strict=True)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        return_past_key_values: bool = False,
+        **kwargs: Any,
+    ) -> tuple:
+        """Returns ``(lm_logits fp32, loss or None, value [B, T])`` and, if asked, the past key values.
+
+        Values at padding positions (``attention_mask == 0``; ``decoder_attention_mask`` for seq2seq) are zero.
+        """
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        if return_past_key_values:
+            kwargs["use_cache"] = True
+        output, hidden = self._base_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        value = self.v_head(hidden).squeeze(-1)
+        value = mask_values(value, self._value_mask(attention_mask, kwargs, value))
+        lm_logits = output.logits if output.logits.dtype == torch.float32 else output.logits.float()
+        result = (lm_logits, output.loss, value)
+        return (*result, output.past_key_values) if return_past_key_values else result
+
+    def _value_mask(self, attention_mask: torch.Tensor | None, kwargs: dict, value: torch.Tensor):
+        return attention_mask if attention_mask is not None and attention_mask.shape == value.shape else None
+
+
+class AutoModelForCausalLMWithValueHead(_ValueHeadModel):
+    """A causal LM with a value head: ``forward`` returns ``(lm_logits, loss, value)``."""
+
+    transformers_parent_class = AutoModelForCausalLM
+
+
+class AutoModelForSeq2SeqLMWithValueHead(_ValueHeadModel):
+    """An encoder-decoder LM with a value head on the decoder's last hidden state: ``value`` is ``[B, T_dec]``."""
+
+    transformers_parent_class = AutoModelForSeq2SeqLM
+    lm_head_namings = ["lm_head", "embed_out", "output_projection"]
+    is_encoder_decoder = True
+
+    def _check_lm_head(self) -> None:
+        super()._check_lm_head()
+        if not getattr(self.config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"{type(self.hf_model).__name__} is not an encoder-decoder model; use "
+                "AutoModelForCausalLMWithValueHead for decoder-only models."
+            )
+
+    def forward(self, input_ids: torch.Tensor | None = None, past_key_values: Any = None, attention_mask=None,
+                return_past_key_values: bool = False, **kwargs: Any) -> tuple:
+        if kwargs.get("decoder_input_ids") is None and kwargs.get("labels") is None and "decoder_inputs_embeds" not in kwargs:
+            raise ValueError("A seq2seq forward needs `decoder_input_ids` (or `labels`) besides `input_ids`.")
+        return super().forward(input_ids, past_key_values, attention_mask, return_past_key_values, **kwargs)
+
+    forward.__doc__ = _ValueHeadModel.forward.__doc__
+
+    def _value_mask(self, attention_mask: torch.Tensor | None, kwargs: dict, value: torch.Tensor):
+        mask = kwargs.get("decoder_attention_mask")
+        return mask if mask is not None and mask.shape == value.shape else None

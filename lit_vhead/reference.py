@@ -1,0 +1,121 @@
+"""``create_reference_model``: a frozen copy of the policy whose lower layers really share the policy's memory.
+
+TRL's ``num_shared_layers`` froze the policy's lower layers but still deep-copied them (the reference was always full
+size), and a typo'd pattern froze the whole policy. Here the shared parameters are never copied (not even transiently),
+the inputs are validated before anything changes, and seq2seq models (T5, BART) have patterns too.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+from torch import nn
+
+# TRL's patterns, then the seq2seq decoders (T5, BART). Matched against full parameter names, so the
+# ``pretrained_model.`` prefix of a value-head model or a PEFT wrapper does not matter.
+LAYER_PATTERNS = [
+    "transformer.h.{layer}",
+    "model.decoder.layers.{layer}",
+    "gpt_neox.layers.{layer}",
+    "model.layers.{layer}",
+    "decoder.block.{layer}",
+]
+
+
+def _layer_regex(pattern: str) -> re.Pattern:
+    if "{layer}" not in pattern:
+        raise ValueError(f"pattern={pattern!r} must contain '{{layer}}', e.g. 'transformer.h.{{layer}}'.")
+    head, tail = pattern.split("{layer}", 1)
+    return re.compile(rf"(?:^|\.){re.escape(head)}(\d+){re.escape(tail)}\.")
+
+
+def _layer_of(name: str, regex: re.Pattern) -> int | None:
+    match = regex.search(name)
+    return int(match.group(1)) if match else None
+
+
+def find_layer_pattern(model: nn.Module, pattern: str | None = None) -> tuple[str, int]:
+    """The layer pattern that matches ``model`` (``pattern`` if given) and the number of layers it matches."""
+    names = [name for name, _ in model.named_parameters()]
+    for candidate in [pattern] if pattern is not None else LAYER_PATTERNS:
+        regex = _layer_regex(candidate)
+        layers = {layer for name in names if (layer := _layer_of(name, regex)) is not None}
+        if layers:
+            return candidate, max(layers) + 1
+    if pattern is not None:
+        raise ValueError(
+            f"pattern={pattern!r} matches no parameter of {type(model).__name__} (a typo?); parameter names look "
+            f"like {names[min(2, len(names) - 1)]!r}. Nothing was changed."
+        )
+    raise ValueError(
+        f"Layer pattern could not be matched for {type(model).__name__}: none of {LAYER_PATTERNS} fits its parameter "
+        "names. Pass `pattern=` with '{layer}' where the layer index goes."
+    )
+
+
+def shared_parameter_names(model: nn.Module, num_shared_layers: int, pattern: str | None = None) -> list[str]:
+    """Names of the parameters below layer ``num_shared_layers`` (embeddings included), in TRL's order semantics."""
+    pattern, num_layers = find_layer_pattern(model, pattern)
+    if isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, int):
+        raise ValueError(f"num_shared_layers must be an int or None, got {num_shared_layers!r}.")
+    if not 0 <= num_shared_layers < num_layers:
+        raise ValueError(
+            f"num_shared_layers={num_shared_layers} is out of range for a model with {num_layers} layers matching "
+            f"{pattern!r}: use 0..{num_layers - 1}, or None for a full frozen copy."
+        )
+    regex = _layer_regex(pattern)
+    shared = []
+    for name, _ in model.named_parameters():
+        layer = _layer_of(name, regex)
+        if layer is not None and layer >= num_shared_layers:
+            break  # everything from the first unshared layer on is unshared
+        shared.append(name)
+    return shared
+
+
+def create_reference_model(
+    model: nn.Module, num_shared_layers: int | None = None, pattern: str | None = None
+) -> nn.Module:
+    """A frozen, eval-mode copy of ``model``.
+
+    With ``num_shared_layers=k`` the parameters below layer ``k`` (embeddings included) are frozen in ``model`` and the
+    reference holds the very same storage (``data_ptr`` equal); only the upper layers are copied.
+    """
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            "DeepSpeed ZeRO-3 is enabled and is not compatible with `create_reference_model()`. Please instantiate "
+            "your reference model directly with `AutoModelForCausalLM.from_pretrained()`, or use the PEFT "
+            "(adapter-disabled) reference."
+        )
+    shared = set() if num_shared_layers is None else set(shared_parameter_names(model, num_shared_layers, pattern))
+    # Pre-seeding deepcopy's memo makes the copy reuse the shared tensors instead of copying them.
+    memo: dict[int, object] = {}
+    for name, param in model.named_parameters():
+        if name in shared:
+            param.requires_grad_(False)
+            memo[id(param)] = nn.Parameter(param.data, requires_grad=False)
+    reference = copy.deepcopy(model, memo)
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    return reference.eval()
+
+
+def tie_shared_parameters(reference: nn.Module, model: nn.Module) -> int:
+    """Point the reference's shared parameters back at the policy's storage after a device or dtype move.
+
+    ``Module.to()`` replaces each parameter's data separately, which silently un-shares them. Returns how many were
+    re-tied.
+    """
+    policy = dict(model.named_parameters())
+    tied = 0
+    for name, ref_param in reference.named_parameters():
+        own = policy.get(name)
+        if own is not None and not own.requires_grad and own.shape == ref_param.shape:
+            if ref_param.data_ptr() != own.data_ptr() and torch.equal(ref_param.data.to(own.device), own.data):
+                ref_param.data = own.data
+                tied += 1
+    return tied

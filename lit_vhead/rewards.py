@@ -1,0 +1,191 @@
+"""Reward sources, chosen by the ``reward`` config group: a Python function, a reward model, or a reward adapter.
+
+Each source maps a batch of rollouts (``RewardInputs``) to one score per sample. Scores are checked: a wrong shape,
+NaN or inf raises a ``RewardError`` naming the source.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+class RewardError(ValueError):
+    """A reward source returned something PPO cannot use."""
+
+
+@dataclass
+class RewardInputs:
+    """One rollout batch as text and token ids. ``input_ids``/``attention_mask`` hold prompt + response."""
+
+    prompts: list[str]
+    responses: list[str]
+    query_ids: list[list[int]]
+    response_ids: list[list[int]]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def check_scores(scores: object, batch_size: int, source: str) -> torch.Tensor:
+    """Scores as a float tensor [B]; a clear error for anything else."""
+    try:
+        scores = torch.as_tensor(scores, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise RewardError(f"Reward source {source} returned {type(scores).__name__}, not numbers: {err}") from err
+    if scores.dim() == 2 and scores.shape[-1] == 1:
+        scores = scores.squeeze(-1)
+    if scores.shape != (batch_size,):
+        raise RewardError(
+            f"Reward source {source} returned shape {tuple(scores.shape)}; it must return one score per sample, "
+            f"shape ({batch_size},)."
+        )
+    if not torch.isfinite(scores).all():
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        raise RewardError(f"Reward source {source} returned NaN or inf scores at samples {bad}.")
+    return scores
+
+
+class RewardSource:
+    """Base class: ``setup`` once the policy is on its device, then call on each rollout batch."""
+
+    name = "reward"
+
+    def setup(self, policy: torch.nn.Module, tokenizer, device: torch.device) -> None:
+        """Load what the source needs (models go to ``device``)."""
+
+    def compute(self, inputs: RewardInputs) -> object:
+        raise NotImplementedError
+
+    def __call__(self, inputs: RewardInputs) -> torch.Tensor:
+        try:
+            scores = self.compute(inputs)
+        except RewardError:
+            raise
+        except Exception as err:
+            raise RewardError(f"Reward source {self.name} raised {type(err).__name__}: {err}") from err
+        return check_scores(scores, len(inputs.prompts), self.name)
+
+
+class FunctionReward(RewardSource):
+    """Any function ``fn(prompts, responses, query_ids, response_ids) -> scores`` (a list or tensor of B floats)."""
+
+    def __init__(self, fn: Callable, scale: float = 1.0) -> None:
+        if not callable(fn):
+            raise ValueError(f"reward.fn must be callable, got {fn!r}.")
+        self.fn, self.scale = fn, scale
+        self.name = f"function {getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+    def compute(self, inputs: RewardInputs) -> object:
+        scores = self.fn(
+            prompts=inputs.prompts,
+            responses=inputs.responses,
+            query_ids=inputs.query_ids,
+            response_ids=inputs.response_ids,
+        )
+        return check_scores(scores, len(inputs.prompts), self.name) * self.scale
+
+
+def even_token_fraction(
+    prompts: Sequence[str], responses: Sequence[str], query_ids: Sequence, response_ids: Sequence[Sequence[int]]
+) -> list[float]:
+    """Fraction of even token ids in each response: a task a tiny random model learns within minutes."""
+    return [sum(1 for t in ids if t % 2 == 0) / max(len(ids), 1) for ids in response_ids]
+
+
+def character_fraction(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    query_ids: Sequence,
+    response_ids: Sequence,
+    characters: str = "aeiou ",
+) -> list[float]:
+    """Fraction of response characters in ``characters`` (bind it with ``_partial_``)."""
+    return [sum(c in characters for c in text) / max(len(text), 1) for text in responses]
+
+
+class RewardModel(RewardSource):
+    """A sequence-classification checkpoint (a local dir or the HF cache) scoring prompt + response text.
+
+    ``label_index`` picks the logit used as the score (e.g. the POSITIVE class of a sentiment classifier).
+    """
+
+    def __init__(
+        self,
+        name_or_path: str,
+        label_index: int = 0,
+        batch_size: int = 16,
+        max_length: int = 512,
+        tokenizer: str | None = None,
+    ) -> None:
+        from lit_vhead.builders import check_model_source
+
+        check_model_source({"name_or_path": name_or_path})
+        self.name_or_path, self.label_index, self.batch_size, self.max_length = (
+            name_or_path, label_index, batch_size, max_length,
+        )
+        self.tokenizer_name = tokenizer or name_or_path
+        self.name = f"reward model {name_or_path!r}"
+        self.model = self.tokenizer = None
+
+    def setup(self, policy: torch.nn.Module, tokenizer, device: torch.device) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        if self.model is None:
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.name_or_path).eval()
+            self.model.requires_grad_(False)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            num_labels = self.model.config.num_labels
+            if not 0 <= self.label_index < num_labels:
+                raise ValueError(
+                    f"reward.label_index={self.label_index} is out of range for {self.name_or_path!r}, which has "
+                    f"{num_labels} labels ({self.model.config.id2label})."
+                )
+        self.model.to(device)
+
+    @torch.no_grad()
+    def compute(self, inputs: RewardInputs) -> torch.Tensor:
+        texts = [p + r for p, r in zip(inputs.prompts, inputs.responses)]
+        scores = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.model.device)
+            scores.append(self.model(**enc).logits[:, self.label_index].float().cpu())
+        return torch.cat(scores)
+
+
+class RewardAdapter(RewardSource):
+    """A reward LoRA on the policy's own base model (TRL's ``reward_adapter`` + ``compute_reward_score``).
+
+    The policy is built with this adapter loaded (``adapter_path``), so no second model is held in memory.
+    """
+
+    def __init__(self, adapter_path: str, adapter_name: str = "reward_adapter", label_index: int = 0) -> None:
+        if not os.path.exists(os.path.join(adapter_path, "adapter_config.json")):
+            raise FileNotFoundError(
+                f"reward.adapter_path={adapter_path!r} has no adapter_config.json; point it at a saved "
+                "sequence-classification LoRA adapter."
+            )
+        self.adapter_path, self.adapter_name, self.label_index = adapter_path, adapter_name, label_index
+        self.name = f"reward adapter {adapter_path!r}"
+        self.policy = None
+
+    def setup(self, policy: torch.nn.Module, tokenizer, device: torch.device) -> None:
+        if not getattr(policy, "supports_rm_adapter", False):
+            raise ValueError("reward=adapter needs the policy built with the reward adapter (peft must be enabled).")
+        self.policy = policy
+
+    def compute(self, inputs: RewardInputs) -> torch.Tensor:
+        from lit_vhead.value_head import gather_last
+
+        scores = self.policy.compute_reward_score(inputs.input_ids, inputs.attention_mask)
+        return gather_last(scores[..., self.label_index], inputs.attention_mask).float().cpu()

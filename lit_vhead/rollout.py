@@ -1,0 +1,122 @@
+"""Rollouts: batched, KV-cached generation and the log-prob/value pass over what was generated.
+
+One code path serves causal and seq2seq models; only how prompt and response are laid out differs:
+- causal: ``[left-padded prompt | response]`` in one sequence, ``position_ids`` from the attention mask (trl#469);
+- seq2seq: the prompt goes to the encoder, ``[start | response[:-1]]`` to the decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from lit_vhead.config import GenerationConfig
+from lit_vhead.ppo import logprobs_from_logits
+
+
+@dataclass
+class Rollout:
+    """A batch of generated responses and everything PPO computes about them, all [B, ...] tensors."""
+
+    query_ids: torch.Tensor
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor
+    response_mask: torch.Tensor
+    decoder_start: torch.Tensor | None = None  # seq2seq only: [B, 1]
+    logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        """The rows in ``index`` (a minibatch)."""
+        return Rollout(**{f.name: None if (v := getattr(self, f.name)) is None else v[index] for f in fields(self)})
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.decoder_start is not None
+
+    def full_sequence(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt + response ids and mask (causal layout; for seq2seq the decoder side is dropped)."""
+        if self.is_encoder_decoder:
+            return self.query_ids, self.query_mask
+        return torch.cat([self.query_ids, self.response_ids], 1), torch.cat([self.query_mask, self.response_mask], 1)
+
+
+def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
+    """1 up to and including the first EOS of each row (TRL keeps the EOS), 0 after it."""
+    if eos_token_id is None:
+        return torch.ones_like(response_ids)
+    is_eos = (response_ids == eos_token_id).long()
+    eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS tokens strictly before each position
+    return (eos_before == 0).long()
+
+
+@torch.no_grad()
+def generate(policy, batch: dict[str, torch.Tensor], settings: GenerationConfig, tokenizer) -> Rollout:
+    """Sample one response per prompt with the KV cache; responses end at (and keep) their first EOS."""
+    eos = tokenizer.eos_token_id if settings.stop_at_eos else None
+    output = policy.generate(
+        input_ids=batch["query_ids"],
+        attention_mask=batch["query_mask"],
+        max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=settings.min_new_tokens or None,
+        do_sample=settings.do_sample,
+        temperature=settings.temperature if settings.do_sample else None,
+        top_k=settings.top_k if settings.do_sample else None,
+        top_p=settings.top_p if settings.do_sample else None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        use_cache=True,
+    )
+    if policy.config.is_encoder_decoder:
+        decoder_start, response = output[:, :1], output[:, 1:]
+    else:
+        decoder_start, response = None, output[:, batch["query_ids"].shape[1] :]
+    mask = response_mask_from_eos(response, eos)
+    response = response.masked_fill(mask == 0, tokenizer.pad_token_id)
+    return Rollout(batch["query_ids"], batch["query_mask"], response, mask, decoder_start)
+
+
+def _model_inputs(rollout: Rollout) -> dict[str, torch.Tensor]:
+    if rollout.is_encoder_decoder:
+        return {
+            "input_ids": rollout.query_ids,
+            "attention_mask": rollout.query_mask,
+            "decoder_input_ids": torch.cat([rollout.decoder_start, rollout.response_ids[:, :-1]], 1),
+            "decoder_attention_mask": torch.cat(
+                [torch.ones_like(rollout.decoder_start), rollout.response_mask[:, :-1]], 1
+            ),
+        }
+    input_ids, attention_mask = rollout.full_sequence()
+    position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
+    # Only the positions that predict response tokens need logits: skip the LM head over the prompt.
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "logits_to_keep": rollout.response_ids.shape[1] + 1,
+    }
+
+
+@dataclass
+class ForwardOutput:
+    logprobs: torch.Tensor  # [B, T] log-prob of each response token
+    values: torch.Tensor | None  # [B, T] value of the state before each response token
+    logits: torch.Tensor  # [B, T, V] (temperature applied)
+
+
+def forward(model, rollout: Rollout, with_values: bool, temperature: float = 1.0) -> ForwardOutput:
+    """One pass of ``model`` (a value-head wrapper) over the rollout: response log-probs and, if asked, values."""
+    output, hidden = model._base_forward(**_model_inputs(rollout), use_cache=False)
+    logits = output.logits
+    num_response = rollout.response_ids.shape[1]
+    if not rollout.is_encoder_decoder:
+        logits = logits[:, :-1]
+        hidden = hidden[:, -num_response - 1 : -1]
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = logprobs_from_logits(logits, rollout.response_ids)
+    values = model.v_head(hidden).squeeze(-1).float() if with_values else None
+    return ForwardOutput(logprobs, values, logits)
+

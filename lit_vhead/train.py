@@ -1,0 +1,133 @@
+"""``train(cfg)``: everything ``python train.py`` does, as a plain function that tests call in-process.
+
+Order matters: every check that can fail on bad input (config values, paths, prompts, reference settings, the
+output dir) runs before any model is built or any step runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from lit_vhead.builders import build_tokenizer, check_model_source, value_head_class
+from lit_vhead.module import PPOModule, ppo_config
+from lit_vhead.reference import shared_parameter_names
+
+
+def _instantiate_dict(node: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a dict-of-nodes group (callbacks, loggers)."""
+    if not node:
+        return []
+    return [hydra.utils.instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+
+
+def _check_reference(cfg: DictConfig, ref_callback) -> None:
+    """Validate ``num_shared_layers``/``pattern`` on a meta-device copy of the architecture (no weights, no memory)."""
+    if ref_callback.mode != "shared":
+        return
+    from transformers import AutoConfig
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    if model_cfg.get("name_or_path"):
+        config = AutoConfig.from_pretrained(
+            model_cfg["name_or_path"], trust_remote_code=bool(model_cfg.get("trust_remote_code"))
+        )
+    else:
+        config = AutoConfig.for_model(**model_cfg["config"])
+    with torch.device("meta"):
+        skeleton = value_head_class(model_cfg.get("kind", "causal")).transformers_parent_class.from_config(config)
+    shared_parameter_names(skeleton, ref_callback.num_shared_layers, ref_callback.pattern)
+
+
+def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    ckpt = cfg.get("ckpt_path")
+    if ckpt == "last":
+        ckpt = str(output_dir / "checkpoints" / "last.ckpt")
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt!r}: no such checkpoint file.")
+    if ckpt is None and any((output_dir / "checkpoints").glob("*.ckpt")):
+        raise FileExistsError(
+            f"{output_dir / 'checkpoints'} already holds checkpoints: resume with ckpt_path=last, or pick a new "
+            "hydra.run.dir. Nothing was overwritten."
+        )
+    return ckpt
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run PPO as configured; returns the final metrics (``env/reward_mean``, ``objective/kl``, ...)."""
+    output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = _resolve_ckpt_path(cfg, output_dir)
+    ppo = ppo_config(cfg.ppo)
+    ppo.validate()
+    check_model_source(OmegaConf.to_container(cfg.model, resolve=True))
+    ref_callback = hydra.utils.instantiate(cfg.ref)
+    _check_reference(cfg, ref_callback)
+    reward = hydra.utils.instantiate(cfg.reward)
+    tokenizer = build_tokenizer(OmegaConf.to_container(cfg.model, resolve=True))
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.attach_tokenizer(tokenizer)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = PPOModule(
+        model=cfg.model,
+        reward=reward,
+        tokenizer=tokenizer,
+        ppo=ppo,
+        head=cfg.head,
+        peft=cfg.peft or None,
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        seed=cfg.seed,
+        sample_table_every=cfg.sample_table_every,
+    )
+    loggers = _instantiate_dict(cfg.get("logger"))
+    callbacks = [ref_callback, *_instantiate_dict(cfg.get("callbacks"))]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        if cfg.get("save_pretrained_dir"):
+            module.policy.save_pretrained(cfg.save_pretrained_dir)
+            tokenizer.save_pretrained(cfg.save_pretrained_dir)
+            print(f"Saved the trained policy (value head included) to {cfg.save_pretrained_dir}")
+        if cfg.get("plot") and (output_dir / "csv" / "metrics.csv").is_file():
+            from lit_vhead.plot import plot_run
+
+            print(f"Curves: {plot_run(output_dir)}")
+        print(f"Run outputs: {output_dir}")
+    return metrics
+
+
+def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value Hydra sweepers optimise (``optimized_metric``)."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise ValueError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}.")
+    return metrics[name]
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
+
+
+def main(cfg: DictConfig) -> float | None:
+    """The CLI: run ``train``; a user error prints one line (``LIT_VHEAD_TRACEBACK=1`` shows the traceback)."""
+    try:
+        return metric_value(train(cfg), cfg.get("optimized_metric"))
+    except USER_ERRORS as err:
+        if os.environ.get("LIT_VHEAD_TRACEBACK"):
+            raise
+        print(f"Error: {err}", flush=True)
+        raise SystemExit(1) from None
