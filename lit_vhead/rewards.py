@@ -59,6 +59,9 @@ class RewardSource:
     def compute(self, inputs: RewardInputs) -> object:
         raise NotImplementedError
 
+    def probe(self, prompts: list[str], query_ids: list[list[int]]) -> None:
+        """Check the output shape on a dry run (prompts as stand-in responses) before any model is built."""
+
     def __call__(self, inputs: RewardInputs) -> torch.Tensor:
         try:
             scores = self.compute(inputs)
@@ -76,7 +79,8 @@ class FunctionReward(RewardSource):
         if not callable(fn):
             raise ValueError(f"reward.fn must be callable, got {fn!r}.")
         self.fn, self.scale = fn, scale
-        self.name = f"function {getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+        inner = getattr(fn, "func", fn)  # a functools.partial from `_partial_: true`
+        self.name = f"function {getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', repr(inner))}"
 
     def compute(self, inputs: RewardInputs) -> object:
         scores = self.fn(
@@ -86,6 +90,10 @@ class FunctionReward(RewardSource):
             response_ids=inputs.response_ids,
         )
         return check_scores(scores, len(inputs.prompts), self.name) * self.scale
+
+    def probe(self, prompts: list[str], query_ids: list[list[int]]) -> None:
+        ids = torch.zeros(len(prompts), 1, dtype=torch.long)
+        self(RewardInputs(prompts, list(prompts), query_ids, query_ids, ids, torch.ones_like(ids)))
 
 
 def even_token_fraction(

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from lit_vhead.loggers import CSVLogger
 from lit_vhead.builders import build_tokenizer, check_model_source, value_head_class
 from lit_vhead.module import PPOModule, ppo_config
 from lit_vhead.reference import shared_parameter_names
@@ -73,6 +74,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tokenizer = build_tokenizer(OmegaConf.to_container(cfg.model, resolve=True))
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.attach_tokenizer(tokenizer)
+    reward.probe(datamodule.prompts[:2], datamodule.query_ids[:2])
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PPOModule(
@@ -88,6 +90,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         sample_table_every=cfg.sample_table_every,
     )
     loggers = _instantiate_dict(cfg.get("logger"))
+    if ckpt_path is not None:
+        resume_step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["epoch"] + 1
+        for logger in loggers:
+            if isinstance(logger, CSVLogger):
+                logger.keep_before_step = resume_step
     callbacks = [ref_callback, *_instantiate_dict(cfg.get("callbacks"))]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:

@@ -1,0 +1,282 @@
+"""PPO through train(cfg) and the CLI: real Lightning runs of real steps on tiny models."""
+
+import copy
+import csv
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from conftest import FAST, ROOT, compose, tiny_hf_model
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+import lit_vhead.module
+from lit_vhead import AutoModelForCausalLMWithValueHead
+from lit_vhead.builders import ModelNotFoundError
+from lit_vhead.rewards import RewardError
+from lit_vhead.train import train
+
+TRL_METRICS = [
+    "env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef", "objective/entropy",
+    "ppo/loss/policy", "ppo/loss/value", "ppo/policy/clipfrac", "ppo/policy/approxkl", "ppo/val/var_explained",
+    "ppo/returns/mean", "tokens/responses_len_mean", "time/ppo/total",
+]
+
+
+def read_csv(run_dir):
+    with open(os.path.join(run_dir, "csv", "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def run_cli(args, cwd, env_extra=None, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+class RecordInitialPolicy(L.Callback):
+    """Keeps a copy of the policy's weights as fit starts, and the reference object the module holds."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.initial = copy.deepcopy({k: v.detach().clone() for k, v in pl_module.policy.state_dict().items()})
+
+
+def fit_with(cfg, extra_callbacks):
+    """train() with extra callbacks appended (the config's callbacks group is a dict of _target_ nodes)."""
+    original = lit_vhead.train._instantiate_dict
+
+    def instantiate(node):
+        made = original(node)
+        return made + extra_callbacks if node is cfg.get("callbacks") else made
+
+    lit_vhead.train._instantiate_dict = instantiate
+    try:
+        return train(cfg)
+    finally:
+        lit_vhead.train._instantiate_dict = original
+
+
+@pytest.mark.slow
+def test_default_cli_learns_and_saves_a_loadable_policy(tmp_path):
+    """`python train.py`, as the README runs it: offline, PPO visibly learns, the policy is saved with its head."""
+    result = run_cli([f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"Run outputs: {tmp_path}" in result.stdout
+    rewards = [float(r["env/reward_mean"]) for r in read_csv(tmp_path)]
+    assert len(rewards) == 100
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first + 0.5, (first, last)
+    policy = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "policy")
+    assert policy.v_head.summary.weight.shape == (1, 64)
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_seq2seq_ppo_runs_from_the_cli(tmp_path):
+    args = ["model=tiny-t5", "ppo.steps=3", "ppo.batch_size=8", "ppo.mini_batch_size=4", "logger=csv",
+            f"hydra.run.dir={tmp_path}"]
+    result = run_cli(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = read_csv(tmp_path)
+    assert len(rows) == 3 and all(float(r["tokens/responses_len_mean"]) > 0 for r in rows)
+    from lit_vhead import AutoModelForSeq2SeqLMWithValueHead
+
+    assert AutoModelForSeq2SeqLMWithValueHead.from_pretrained(tmp_path / "policy").is_encoder_decoder
+
+
+@pytest.mark.slow
+def test_missing_real_checkpoint_gives_one_error_line(tmp_path):
+    result = run_cli(["model=gpt2", "head.init=normal", f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
+                     env_extra={"HF_HOME": str(tmp_path / "empty_hf_home")})
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    error_lines = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(error_lines) == 1 and "model.name_or_path=<dir>" in error_lines[0]
+
+
+def test_logs_trl_metric_names_every_ppo_step(tmp_path):
+    train(compose(FAST, tmp_path))
+    rows = read_csv(tmp_path)
+    assert [int(float(r["ppo/step"])) for r in rows] == [0, 1, 2, 3]
+    for name in TRL_METRICS:
+        assert all(r[name] != "" for r in rows), name
+
+
+@pytest.mark.parametrize("mode", ["copy", "shared", "peft"])
+def test_reference_modes_stay_frozen_at_the_initial_policy(tmp_path, mode):
+    overrides = {"copy": ["ref=copy"], "shared": ["ref=shared", "ref.num_shared_layers=1"],
+                 "peft": ["ref=peft", "peft=lora"]}[mode]
+    cfg = compose(FAST + overrides, tmp_path)
+    recorder = RecordInitialPolicy()
+    captured = {}
+    original = lit_vhead.module.PPOModule.on_train_end
+
+    def keep(module):
+        captured["module"] = module
+
+    lit_vhead.module.PPOModule.on_train_end = keep
+    try:
+        fit_with(cfg, [recorder])
+    finally:
+        lit_vhead.module.PPOModule.on_train_end = original
+    module = captured["module"]
+    policy, reference = module.policy, module.reference
+    trained = policy.state_dict()
+    assert any(not torch.equal(trained[k], recorder.initial[k]) for k in trained if "v_head" not in k) or mode == "peft"
+    if mode == "peft":
+        assert reference.model is policy  # no second model at all
+        ids = torch.randint(3, 259, (2, 6))
+        with reference.context():
+            ref_logits = policy(ids)[0]
+        assert not torch.equal(ref_logits, policy(ids)[0])  # the trained adapters change the policy...
+        base = {k: v for k, v in policy.pretrained_model.state_dict().items() if "lora" not in k}
+        assert all(torch.equal(v, policy.pretrained_model.state_dict()[k]) for k, v in base.items())
+        return
+    ref_state = {k: v for k, v in reference.model.state_dict().items()}
+    assert ref_state.keys() == recorder.initial.keys()
+    assert all(torch.equal(ref_state[k], recorder.initial[k]) for k in ref_state)
+    assert not any(p.requires_grad for p in reference.model.parameters())
+    if mode == "shared":
+        ref_h0 = reference.model.pretrained_model.transformer.h[0].attn.c_attn.weight
+        pol_h0 = policy.pretrained_model.transformer.h[0].attn.c_attn.weight
+        assert ref_h0.data_ptr() == pol_h0.data_ptr() and not pol_h0.requires_grad
+
+
+def test_resume_restores_policy_and_never_rebuilds_the_reference_from_it(tmp_path):
+    first = compose(FAST + ["callbacks=default", "callbacks.model_checkpoint.every_n_epochs=1"], tmp_path)
+    recorder = RecordInitialPolicy()
+    fit_with(first, [recorder])
+    captured = {}
+    original = lit_vhead.module.PPOModule.on_train_end
+    lit_vhead.module.PPOModule.on_train_end = lambda module: captured.setdefault("module", module)
+    try:
+        resumed = compose(FAST + ["callbacks=default", "ppo.steps=6", "ckpt_path=last"], tmp_path)
+        train(resumed)
+    finally:
+        lit_vhead.module.PPOModule.on_train_end = original
+    module = captured["module"]
+    reference = module.reference.model.state_dict()
+    assert all(torch.equal(reference[k], recorder.initial[k]) for k in reference)
+    assert [int(float(r["ppo/step"])) for r in read_csv(tmp_path)] == [0, 1, 2, 3, 4, 5]  # history kept on resume
+
+
+@pytest.mark.parametrize("kind", ["kl", "abs", "mse", "full", "k3"])
+def test_every_kl_estimator_trains(tmp_path, kind):
+    metrics = train(compose(FAST + [f"ppo.kl_penalty={kind}", "ppo.steps=2"], tmp_path))
+    assert torch.isfinite(torch.tensor(metrics["objective/kl"]))
+    if kind in ("abs", "mse", "full", "k3"):
+        assert metrics["objective/kl"] >= 0
+
+
+def test_reward_model_from_a_local_dir(tmp_path, byt5):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from conftest import TINY_CONFIGS
+
+    config = AutoConfig.for_model(**TINY_CONFIGS["gpt2"], num_labels=2, pad_token_id=0)
+    rm_dir = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(rm_dir)
+    byt5.save_pretrained(rm_dir)
+    metrics = train(compose(FAST + ["reward=model", f"reward.name_or_path={rm_dir}", "reward.label_index=1"],
+                            tmp_path / "run"))
+    assert metrics["env/reward_std"] > 0
+
+
+def test_reward_adapter_on_the_same_base(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from conftest import TINY_CONFIGS
+
+    cfg_model = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256,
+                 "vocab_size": 259, "pad_token_id": 0}
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**cfg_model, num_labels=1))
+    rm = get_peft_model(rm, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn"]))
+    adapter_dir = tmp_path / "reward_adapter"
+    rm.save_pretrained(adapter_dir)
+    assert TINY_CONFIGS  # the policy below is the default tiny-gpt2 (same shapes as the adapter's base)
+    metrics = train(compose(FAST + ["peft=lora", "peft.target_modules=[c_attn]", "reward=adapter",
+                                    f"reward.adapter_path={adapter_dir}"], tmp_path / "run"))
+    assert metrics["env/reward_std"] > 0
+
+
+@pytest.fixture
+def no_model_built(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a model was built before the bad input was reported")
+
+    monkeypatch.setattr(lit_vhead.module, "build_policy", fail)
+
+
+@pytest.mark.parametrize(
+    "overrides, error, words",
+    [
+        (["ref=shared", "ref.num_shared_layers=2"], ValueError, "num_shared_layers=2 is out of range"),
+        (["ref=shared", "ref.pattern='transformer.blocks.{layer}'"], ValueError, "transformer.blocks.{layer}"),
+        (["ppo.batch_size=10", "ppo.mini_batch_size=4"], ValueError, "ppo.batch_size=10 is not divisible"),
+        (["model.name_or_path=/nonexistent/ckpt"], ModelNotFoundError, "/nonexistent/ckpt"),
+        (["reward.fn._target_=builtins.len"], RewardError, "builtins.len"),
+        (["data.max_prompt_tokens=4"], ValueError, "data.max_prompt_tokens"),
+        (["ckpt_path=/nonexistent.ckpt"], FileNotFoundError, "/nonexistent.ckpt"),
+    ],
+)
+def test_bad_input_fails_before_any_model_is_built(tmp_path, no_model_built, overrides, error, words):
+    with pytest.raises(error, match=None) as info:
+        train(compose(FAST + overrides, tmp_path))
+    assert words in str(info.value)
+
+
+def test_reward_returning_wrong_shape_names_the_source(tmp_path):
+    cfg = compose(FAST + ["reward=function", "reward.fn._target_=tests_rewards.two_scores_each"], tmp_path)
+    with pytest.raises(RewardError, match="tests_rewards.two_scores_each.*shape"):
+        train(cfg)
+
+
+def test_existing_checkpoints_are_never_overwritten(tmp_path, no_model_built):
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"precious")
+    with pytest.raises(FileExistsError, match="ckpt_path=last"):
+        train(compose(FAST, tmp_path))
+    assert ckpt.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("head.init=bogus", "bogus"), ("ppo.learning_rate=abc", "abc"), ("ppo.no_such_knob=1", "no_such_knob"),
+     ("ppo.kl_penalty=kl2", "kl2")],
+)
+def test_bad_config_values_fail_at_composition(tmp_path, override, message):
+    with pytest.raises((ConfigCompositionException, ValidationError)) as info:
+        compose([override], tmp_path)
+    assert message in str(info.value) + str(info.value.__cause__)
+
+
+def test_experiment_gpt2_imdb_on_local_stand_ins(tmp_path, byt5):
+    """TRL's gpt2-imdb recipe with tiny local checkpoints in place of gpt2-imdb and distilbert-imdb."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, DistilBertConfig
+
+    policy_dir, rm_dir = tmp_path / "gpt2-imdb", tmp_path / "distilbert-imdb"
+    tiny_hf_model("gpt2").save_pretrained(policy_dir)
+    byt5.save_pretrained(policy_dir)
+    rm_config = DistilBertConfig(vocab_size=259, dim=32, hidden_dim=64, n_layers=1, n_heads=2, num_labels=2)
+    AutoModelForSequenceClassification.from_config(rm_config).save_pretrained(rm_dir)
+    byt5.save_pretrained(rm_dir)
+    cfg = compose(["experiment=gpt2-imdb", f"model.name_or_path={policy_dir}", f"reward.name_or_path={rm_dir}",
+                   "trainer=cpu", "ppo.steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=8",
+                   "data.max_prompt_tokens=64", "logger=csv", "callbacks=none", "plot=false"], tmp_path / "run")
+    assert cfg.ppo.learning_rate == 1.41e-5 and cfg.reward.label_index == 1
+    assert AutoConfig.from_pretrained(policy_dir).model_type == "gpt2"
+    metrics = train(cfg)
+    rows = read_csv(tmp_path / "run")
+    assert len(rows) == 2 and all(4 <= float(r["tokens/responses_len_mean"]) <= 16 for r in rows)
+    assert metrics["objective/kl_coef"] != 0.2  # the adaptive controller moved
