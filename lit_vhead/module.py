@@ -109,6 +109,7 @@ class PPOModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_fit_start(self) -> None:
+        self.policy.v_head.float()  # the head stays fp32 under bf16-true/16-true (values and losses are fp32)
         self.reward.setup(self.policy, self.tokenizer, self.device)
 
     # ------------------------------------------------------------------ one PPO step

@@ -69,6 +69,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ppo.validate()
     check_model_source(OmegaConf.to_container(cfg.model, resolve=True))
     ref_callback = hydra.utils.instantiate(cfg.ref)
+    if "stage_3" in str(cfg.trainer.get("strategy")) and ref_callback.mode != "peft":
+        raise ValueError(
+            f"ref.mode={ref_callback.mode} cannot be built under DeepSpeed ZeRO-3 (the policy's weights are sharded); "
+            "use ref=peft with peft=lora, or trainer=deepspeed (ZeRO-2)."
+        )
     _check_reference(cfg, ref_callback)
     reward = hydra.utils.instantiate(cfg.reward)
     tokenizer = build_tokenizer(OmegaConf.to_container(cfg.model, resolve=True))

@@ -48,11 +48,12 @@ class ValueHead(nn.Module):
         self.summary = nn.Linear(hidden_size_of(config), 1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[..., H] -> [..., 1]`` in the head's dtype (fp32 unless the user casts the head)."""
+        """``[..., H] -> [..., 1]`` in the head's dtype (fp32 unless the user casts the head), even under autocast."""
         hidden_states = self.dropout(hidden_states)
         if hidden_states.dtype != self.summary.weight.dtype:
             hidden_states = hidden_states.to(self.summary.weight.dtype)
-        return self.summary(hidden_states)
+        with torch.autocast(hidden_states.device.type, enabled=False):
+            return self.summary(hidden_states)
 
     def reset_parameters(self, init_strategy: str | None = None, initializer_range: float = 0.2) -> None:
         """``None`` keeps ``nn.Linear``'s default; ``"normal"`` draws N(0, range) weights and zeroes the bias."""

@@ -1,0 +1,72 @@
+"""Multi-process DDP through the CLI, and mixed precision on CPU."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from conftest import FAST, compose
+from test_train import fit_with, read_csv, run_cli
+
+
+class Capture(L.Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.module = pl_module
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tmp_path):
+    """Real DDP (gloo): ranks stay in sync, sample their own prompts, only rank 0 logs and saves."""
+    args = ["trainer=ddp", "trainer.devices=2", "ppo.steps=3", "ppo.batch_size=8", "ppo.mini_batch_size=4",
+            "logger=csv", "+callbacks.report._target_=tests_callbacks.RankReport",
+            f"+callbacks.report.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
+    result = run_cli(args, cwd=tmp_path, env_extra={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    assert ranks[0]["param_sum"] == pytest.approx(ranks[1]["param_sum"], rel=1e-6)  # gradients were all-reduced
+    assert ranks[0]["kl_coef"] == ranks[1]["kl_coef"]  # the KL controller saw the global KL
+    assert all(a != b for a, b in zip(ranks[0]["batches"], ranks[1]["batches"]))  # distinct prompts per rank
+    assert not ranks[0]["reference_wrapped"]  # the frozen reference is not inside the DDP-wrapped module
+    assert len(read_csv(tmp_path)) == 3  # one row per PPO step: rank 0 logs, metrics already reduced
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_bf16_on_cpu_keeps_value_head_and_losses_in_fp32(tmp_path, precision):
+    capture = Capture()
+    metrics = fit_with(compose(FAST + [f"trainer.precision={precision}"], tmp_path), [capture])
+    policy = capture.module.policy
+    assert policy.v_head.summary.weight.dtype == torch.float32
+    expected_base = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert policy.pretrained_model.transformer.h[0].attn.c_attn.weight.dtype == expected_base
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if k.startswith("ppo/loss"))
+    ids = torch.randint(3, 259, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _, values = policy(ids)
+    assert values.dtype == torch.float32 and logits.dtype == torch.float32
+
+
+def test_gradient_checkpointing_trains(tmp_path):
+    capture = Capture()
+    metrics = fit_with(compose(FAST + ["model.gradient_checkpointing=true"], tmp_path), [capture])
+    assert capture.module.policy.pretrained_model.is_gradient_checkpointing
+    assert torch.isfinite(torch.tensor(metrics["ppo/loss/total"]))
+
+
+@pytest.mark.parametrize("trainer", ["gpu", "ddp", "fsdp", "deepspeed", "deepspeed3"])
+def test_multi_gpu_trainer_configs_compose(tmp_path, trainer):
+    import hydra
+
+    cfg = compose([f"trainer={trainer}"], tmp_path)
+    assert cfg.trainer.max_epochs == cfg.ppo.steps and cfg.trainer.use_distributed_sampler is False
+    if trainer == "fsdp":
+        strategy = hydra.utils.instantiate(cfg.trainer.strategy)
+        assert type(strategy).__name__ == "FSDPStrategy"
+
+
+def test_zero3_refuses_a_copied_reference_before_building(tmp_path):
+    from lit_vhead.train import train
+
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        train(compose(FAST + ["trainer=deepspeed3", "ref=copy"], tmp_path))
