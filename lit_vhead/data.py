@@ -89,13 +89,18 @@ class PromptDataModule(L.LightningDataModule):
 
     def attach_tokenizer(self, tokenizer, max_context: int | None = None) -> None:
         """Tokenise the prompts now, so over-long or empty prompts fail before any model runs."""
+        if max_context is not None and max_context < 1:
+            raise ValueError(
+                "ppo.generation.max_new_tokens leaves no room for a prompt in the model's context "
+                f"({max_context} tokens left); lower it."
+            )
         self.tokenizer = tokenizer
         add_special = tokenizer.padding_side == "right"  # seq2seq encoders expect their eos; causal prompts don't
         self.query_ids = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in self.prompts]
         for prompt, ids in zip(self.prompts, self.query_ids):
             if not ids:
                 raise ValueError(f"data: the prompt {prompt!r} tokenises to nothing.")
-            limit = min(self.max_prompt_tokens, max_context or self.max_prompt_tokens)
+            limit = self.max_prompt_tokens if max_context is None else min(self.max_prompt_tokens, max_context)
             if len(ids) > limit:
                 raise ValueError(
                     f"data: the prompt {prompt[:40]!r}... has {len(ids)} tokens, more than the limit {limit} "

@@ -290,5 +290,13 @@ class PPOModule(L.LightningModule):
         state = checkpoint.get("ppo_state")
         if state is None:
             raise ValueError("This checkpoint has no PPO state (ppo_state); it was not written by PPOModule.")
+        own = self.state_dict()
+        for key, value in checkpoint["state_dict"].items():
+            if key not in own or own[key].shape != value.shape:
+                here = "missing here" if key not in own else f"{tuple(own[key].shape)} here"
+                raise ValueError(
+                    f"The checkpoint was trained with another model or PEFT config: {key} is {tuple(value.shape)} "
+                    f"in it but {here}. Resume with the same model.*/peft settings as the run that wrote it."
+                )
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_moments.load_state_dict(state["score_moments"])

@@ -12,39 +12,65 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.errors import InstantiationException
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lit_vhead.loggers import CSVLogger
+from lit_vhead.checkpoint import CheckpointError
 from lit_vhead.builders import build_tokenizer, check_model_source, value_head_class
 from lit_vhead.module import PPOModule, ppo_config
 from lit_vhead.reference import shared_parameter_names
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
+
+
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, but a user error raised by the target comes out as itself, not wrapped."""
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, USER_ERRORS):
+            raise err.__cause__ from None
+        raise
 
 
 def _instantiate_dict(node: DictConfig | None) -> list[Any]:
     """Instantiate every ``_target_`` entry of a dict-of-nodes group (callbacks, loggers)."""
     if not node:
         return []
-    return [hydra.utils.instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
+    return [_instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-def _check_reference(cfg: DictConfig, ref_callback) -> None:
-    """Validate ``num_shared_layers``/``pattern`` on a meta-device copy of the architecture (no weights, no memory)."""
-    if ref_callback.mode != "shared":
-        return
+def _model_config(cfg: DictConfig):
+    """The transformers config of ``cfg.model`` (read from disk or built), without building the model."""
     from transformers import AutoConfig
 
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     if model_cfg.get("name_or_path"):
-        config = AutoConfig.from_pretrained(
+        return AutoConfig.from_pretrained(
             model_cfg["name_or_path"], trust_remote_code=bool(model_cfg.get("trust_remote_code"))
         )
-    else:
-        config = AutoConfig.for_model(**model_cfg["config"])
+    return AutoConfig.for_model(**model_cfg["config"])
+
+
+def _check_reference(cfg: DictConfig, config, ref_callback) -> None:
+    """Validate ``num_shared_layers``/``pattern`` on a meta-device copy of the architecture (no weights, no memory)."""
+    if ref_callback.mode != "shared":
+        return
     with torch.device("meta"):
-        skeleton = value_head_class(model_cfg.get("kind", "causal")).transformers_parent_class.from_config(config)
+        skeleton = value_head_class(cfg.model.get("kind", "causal")).transformers_parent_class.from_config(config)
     shared_parameter_names(skeleton, ref_callback.num_shared_layers, ref_callback.pattern)
+
+
+def _prompt_limit(config, ppo) -> int | None:
+    """How many prompt tokens fit in the model's context next to a full-length response (causal models)."""
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return None if context is None else context - ppo.generation.max_new_tokens
 
 
 def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -61,6 +87,17 @@ def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
     return ckpt
 
 
+def _read_checkpoint(path: str) -> dict:
+    """A Lightning checkpoint (memory-mapped, tensors only), or a clear error naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # zip, pickle and EOF errors all mean the file is unusable
+        raise CheckpointError(
+            f"Cannot read the checkpoint '{path}': {err}. It is truncated or corrupt; resume from another checkpoint "
+            "(ckpt_path=<file>) in the same checkpoints/ directory."
+        ) from err
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run PPO as configured; returns the final metrics (``env/reward_mean``, ``objective/kl``, ...)."""
     output_dir = Path(cfg.paths.output_dir)
@@ -68,17 +105,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ppo = ppo_config(cfg.ppo)
     ppo.validate()
     check_model_source(OmegaConf.to_container(cfg.model, resolve=True))
-    ref_callback = hydra.utils.instantiate(cfg.ref)
+    ref_callback = _instantiate(cfg.ref)
     if "stage_3" in str(cfg.trainer.get("strategy")) and ref_callback.mode != "peft":
         raise ValueError(
             f"ref.mode={ref_callback.mode} cannot be built under DeepSpeed ZeRO-3 (the policy's weights are sharded); "
             "use ref=peft with peft=lora, or trainer=deepspeed (ZeRO-2)."
         )
-    _check_reference(cfg, ref_callback)
-    reward = hydra.utils.instantiate(cfg.reward)
+    config = _model_config(cfg)
+    _check_reference(cfg, config, ref_callback)
+    reward = _instantiate(cfg.reward)
     tokenizer = build_tokenizer(OmegaConf.to_container(cfg.model, resolve=True))
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.attach_tokenizer(tokenizer)
+    datamodule = _instantiate(cfg.data)
+    datamodule.attach_tokenizer(tokenizer, max_context=_prompt_limit(config, ppo))
     reward.probe(datamodule.prompts[:2], datamodule.query_ids[:2])
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -89,19 +127,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ppo=ppo,
         head=cfg.head,
         peft=cfg.peft or None,
-        optimizer=hydra.utils.instantiate(cfg.optimizer),
-        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        optimizer=_instantiate(cfg.optimizer),
+        scheduler=_instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         seed=cfg.seed,
         sample_table_every=cfg.sample_table_every,
     )
     loggers = _instantiate_dict(cfg.get("logger"))
     if ckpt_path is not None:
-        resume_step = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)["epoch"] + 1
+        resume_step = _read_checkpoint(ckpt_path)["epoch"] + 1
         for logger in loggers:
             if isinstance(logger, CSVLogger):
                 logger.keep_before_step = resume_step
     callbacks = [ref_callback, *_instantiate_dict(cfg.get("callbacks"))]
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
@@ -129,9 +167,6 @@ def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
     if name not in metrics:
         raise ValueError(f"optimized_metric={name!r} was not logged; logged metrics: {sorted(metrics)}.")
     return metrics[name]
-
-
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
 
 
 def main(cfg: DictConfig) -> float | None:

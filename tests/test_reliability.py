@@ -1,0 +1,178 @@
+"""Exact resume after SIGKILL, atomic saves, and bad input that must fail clearly without losing work."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import FAST, ROOT, compose
+from hydra.errors import ConfigCompositionException
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from omegaconf.errors import OmegaConfBaseException
+from test_train import read_csv, run_cli
+
+from lit_vhead.module import ppo_config
+from lit_vhead.train import train
+
+RESUME_ARGS = ["ppo.steps=8", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.generation.max_new_tokens=8",
+               "logger=csv", "callbacks.model_checkpoint.every_n_epochs=2", "callbacks.progress_bar=null",
+               "plot=false", "trainer.deterministic=true"]
+TIMING = ("time/",)
+
+
+def metric_rows(run_dir):
+    """Each PPO step's metrics, timings dropped (they are wall-clock)."""
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in read_csv(run_dir)]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    result = run_cli(RESUME_ARGS + [f"hydra.run.dir={full}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *RESUME_ARGS, f"hydra.run.dir={killed}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics_file = killed / "csv" / "metrics.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill once step 5 is logged: the step-4 checkpoint (epochs 0-3) exists
+        if metrics_file.is_file() and len(metrics_file.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "last.ckpt").is_file()
+    assert len(read_csv(killed)) < 8  # it really died mid-run
+
+    result = run_cli(RESUME_ARGS + [f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert metric_rows(killed) == metric_rows(full)  # every metric of every step, bit for bit (as CSV text)
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["ppo_state"] == b["ppo_state"]
+
+
+def test_checkpoint_holds_the_ppo_state(tmp_path):
+    train(compose(FAST + ["callbacks=default", "callbacks.progress_bar=null", "ppo.use_score_scaling=true"],
+                  tmp_path))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["ppo_state"]["kl_ctl"]["value"] != 0.2  # the adaptive coefficient moved and was saved
+    assert ckpt["ppo_state"]["score_moments"]["count"] > 0
+    assert any(k.startswith("policy.v_head.") for k in ckpt["state_dict"])
+    assert not any(k.startswith("reference") for k in ckpt["state_dict"])  # rebuilt from the pretrained source
+    assert ckpt["optimizer_states"] and ckpt["optimizer_states"][0]["state"]  # Adam moments
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    from fsspec.implementations.local import LocalFileOpener
+
+    cfg = compose(FAST + ["callbacks=default", "callbacks.progress_bar=null",
+                          "callbacks.model_checkpoint.every_n_epochs=1", "callbacks.model_checkpoint.save_top_k=1"],
+                  tmp_path)
+    saves = {"n": 0}
+    write = LocalFileOpener.write
+
+    def failing_write(self, data):
+        if str(self.path).endswith("last.ckpt"):
+            saves["n"] += 1
+            if saves["n"] == 3:  # the third save: write half, then the disk is full
+                write(self, data[: len(data) // 2])
+                raise OSError(28, "No space left on device")
+        return write(self, data)
+
+    monkeypatch.setattr(LocalFileOpener, "write", failing_write)
+    with pytest.raises(OSError, match="No space left"):
+        train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 1  # the second save (after PPO step 1) is intact
+
+
+def test_nan_loss_mid_run_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = compose(FAST + ["callbacks=default", "callbacks.progress_bar=null",
+                          "callbacks.model_checkpoint.every_n_epochs=1", "reward=function",
+                          "reward.fn._target_=tests_rewards.explodes_after_two_calls"], tmp_path)
+    with pytest.raises(FloatingPointError, match="PPO step 2.*last checkpoint is intact"):
+        train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+@pytest.mark.parametrize("bad", ["nan", "raise"])
+def test_reward_that_fails_names_the_reward_source(tmp_path, bad):
+    from lit_vhead.rewards import RewardError
+
+    target = {"nan": "tests_rewards.nan_for_the_first", "raise": "tests_rewards.raises"}[bad]
+    with pytest.raises(RewardError, match=target.replace(".", r"\.")):
+        train(compose(FAST + ["reward=function", f"reward.fn._target_={target}"], tmp_path))
+
+
+def test_resume_with_another_architecture_is_a_clear_error(tmp_path):
+    train(compose(FAST + ["callbacks=default", "callbacks.progress_bar=null"], tmp_path))
+    cfg = compose(FAST + ["callbacks=default", "ppo.steps=6", "ckpt_path=last", "model.config.n_embd=32"], tmp_path)
+    with pytest.raises(ValueError, match="another model or PEFT config.*n_embd|another model or PEFT config"):
+        train(cfg)
+
+
+def test_truncated_lightning_checkpoint_is_a_clear_error(tmp_path):
+    train(compose(FAST + ["callbacks=default", "callbacks.progress_bar=null"], tmp_path))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="last.ckpt"):
+        train(compose(FAST + ["callbacks=default", "ppo.steps=6", "ckpt_path=last"], tmp_path))
+
+
+def test_tokenizer_without_pad_or_eos_is_a_clear_error(tmp_path):
+    from lit_vhead.builders import build_tokenizer
+
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    tok_dir = tmp_path / "tok"
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+                            ).save_pretrained(tok_dir)
+    with pytest.raises(ValueError, match="neither a pad nor an eos token"):
+        build_tokenizer({"tokenizer": str(tok_dir), "kind": "causal"})
+
+
+def test_empty_and_overlong_prompts_fail_before_training(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n" + "x" * 300 + "\n")
+    with pytest.raises(ValueError, match="more than the limit"):
+        train(compose(FAST + [f"data.path={prompts}", "data.max_prompt_tokens=1000"], tmp_path / "a"))
+    with pytest.raises(ValueError, match="empty"):
+        train(compose(FAST + ["data.prompts=['hello','  ']"], tmp_path / "b"))
+
+
+KEYS = {
+    "ppo.batch_size": st.integers(-4, 64),
+    "ppo.mini_batch_size": st.integers(-2, 16),
+    "ppo.kl_penalty": st.sampled_from(["kl", "abs", "mse", "full", "k3", "k2", "KL", ""]),
+    "head.init": st.sampled_from(["null", "normal", "xavier", "Normal", "zeros"]),
+    "ppo.learning_rate": st.sampled_from(["1e-4", "0.1", "abc", "-"]),
+    "ppo.generation.max_new_tokens": st.integers(-1, 300),
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(sorted(KEYS)), st.none(), min_size=1).flatmap(
+    lambda d: st.fixed_dictionaries({k: KEYS[k] for k in d})))
+def test_any_override_is_accepted_valid_or_rejected_naming_the_key(tmp_path, overrides):
+    """Property: an override either gives a config that passes validation, or an error naming the bad key."""
+    args = [f"{k}={v}" for k, v in overrides.items()]
+    try:
+        cfg = compose(args, tmp_path)
+        ppo = ppo_config(cfg.ppo)
+        ppo.validate()
+    except (ConfigCompositionException, OmegaConfBaseException, ValueError) as err:
+        text = str(err) + str(err.__cause__ or "")
+        assert any(k.split(".")[-1] in text or str(v) in text for k, v in overrides.items()), text
+        return
+    assert ppo.batch_size % ppo.mini_batch_size == 0 and ppo.generation.max_new_tokens >= 1
+    assert cfg.head.init in (None, "normal")
