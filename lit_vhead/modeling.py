@@ -157,6 +157,9 @@ class PreTrainedModelWrapper(nn.Module):
         v_head_state = None
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             path = os.fspath(pretrained_model_name_or_path)
+            # Read the v_head first: a truncated or corrupt weights file then raises a CheckpointError naming the
+            # file, not whatever transformers/safetensors raise for it (and costs no base load).
+            v_head_state = load_value_head_state(path, hub_kwargs)
             adapter_config = _fetch(path, ADAPTER_CONFIG, hub_kwargs) if PeftModel is not None else None
             if adapter_config is not None:
                 if peft_config is not None:
@@ -167,7 +170,6 @@ class PreTrainedModelWrapper(nn.Module):
             else:
                 base = cls.transformers_parent_class.from_pretrained(path, *model_args, **hf_kwargs)
                 base = cls._maybe_add_peft(base, peft_config, kbit_kwargs)
-            v_head_state = load_value_head_state(path, hub_kwargs)
             if v_head_state is None:
                 warnings.warn(
                     f"No value-head weights (v_head.*) found in '{path}': the value head is freshly initialised. "

@@ -62,7 +62,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, labels: list[str] | N
         ax.plot([s for s, _ in points], [v for _, v in points], label=labels[i] if labels else str(run_dir))
     ax.set_title("env/reward_mean")
     ax.set_xlabel("PPO step")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out, dpi=80)
     plt.close(fig)

@@ -22,6 +22,7 @@ from lit_vhead.checkpoint import CheckpointError
 from lit_vhead.builders import build_tokenizer, check_model_source, value_head_class
 from lit_vhead.module import PPOModule, ppo_config
 from lit_vhead.reference import shared_parameter_names
+from lit_vhead.sweep import fix_ddp_children_in_multirun
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
@@ -98,6 +99,16 @@ def _read_checkpoint(path: str) -> dict:
         ) from err
 
 
+def _end_distributed(environ: dict[str, str]) -> None:
+    """Leave the process as it was before fit (no process group, no DDP variables), so the next job of a sweep in
+    this same process starts its own DDP world instead of joining the finished one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    for key in set(os.environ) - set(environ):
+        del os.environ[key]
+    os.environ.update(environ)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run PPO as configured; returns the final metrics (``env/reward_mean``, ``objective/kl``, ...)."""
     output_dir = Path(cfg.paths.output_dir)
@@ -119,6 +130,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule.attach_tokenizer(tokenizer, max_context=_prompt_limit(config, ppo))
     reward.probe(datamodule.prompts[:2], datamodule.query_ids[:2])
 
+    fix_ddp_children_in_multirun()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PPOModule(
         model=cfg.model,
@@ -143,7 +155,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    environ = dict(os.environ)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        _end_distributed(environ)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:

@@ -1,0 +1,710 @@
+"""Value-head models and checkpoints: every tiny architecture, TRL 0.29.1 compatibility both ways, PEFT, the reward
+adapter, and each TRL bug that lit_vhead fixes (see /work/shared/docs/trl-value-head-spec.md §2 and §4)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from conftest import SEQ2SEQ, TINY_CONFIGS, VOCAB, tiny_hf_model
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import lit_vhead
+from lit_vhead import AutoModelForCausalLMWithValueHead as CLM
+from lit_vhead import AutoModelForSeq2SeqLMWithValueHead as S2S
+from lit_vhead.checkpoint import CheckpointError
+from lit_vhead.value_head import ValueHead, hidden_size_of
+
+ARCHS = list(TINY_CONFIGS)
+B, T, T_DEC = 2, 5, 3
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def wrapper_cls(arch: str):
+    return S2S if arch in SEQ2SEQ else CLM
+
+
+def hf_auto(arch: str):
+    return transformers.AutoModelForSeq2SeqLM if arch in SEQ2SEQ else transformers.AutoModelForCausalLM
+
+
+def make_inputs(arch: str, seed: int = 0) -> dict:
+    """ids avoid 0..2 (pad / eos / bos of the tiny configs) so no model sees a special token by accident."""
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"input_ids": torch.randint(3, VOCAB, (B, T), generator=g)}
+    if arch in SEQ2SEQ:
+        inputs["decoder_input_ids"] = torch.randint(3, VOCAB, (B, T_DEC), generator=g)
+    return inputs
+
+
+def load_quiet(cls, *args, **kwargs):
+    """from_pretrained without the expected 'no v_head found' warning (plain HF dirs) leaking into the output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return cls.from_pretrained(*args, **kwargs)
+
+
+def vhead_warnings(records) -> list[str]:
+    return [str(r.message) for r in records if issubclass(r.category, UserWarning) and "v_head" in str(r.message)]
+
+
+def assert_state_equal(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_outputs_equal(a: tuple, b: tuple) -> None:
+    """(logits, loss, value) of two models."""
+    assert torch.equal(a[0], b[0])
+    assert torch.equal(a[2], b[2])
+
+
+def trainable_numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_numel(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+
+
+def perturb_lora_b(model: nn.Module, seed: int, adapter: str | None = None) -> None:
+    """LoRA's B starts at zero (the adapter is then a no-op): make it matter so a dropped adapter is noticed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name and (adapter is None or f".{adapter}." in name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def gpt2_lora(**kw) -> LoraConfig:
+    return LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"],
+                      fan_in_fan_out=True, **kw)  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def trl_classes():
+    os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.ppo import AutoModelForCausalLMWithValueHead as TRLCausal
+        from trl.experimental.ppo import AutoModelForSeq2SeqLMWithValueHead as TRLS2S
+    return {"gpt2": TRLCausal, "t5": TRLS2S}
+
+
+@pytest.fixture(scope="session")
+def saved_gpt2(tiny_dirs, tmp_path_factory):
+    """A lit_vhead gpt2 checkpoint (with a trained-looking, non-default value head) and its eval outputs."""
+    model = load_quiet(CLM, tiny_dirs["gpt2"]).eval()
+    with torch.no_grad():
+        model.v_head.summary.weight.normal_(0, 1)
+        model.v_head.summary.bias.fill_(0.25)
+    path = tmp_path_factory.mktemp("saved") / "gpt2"
+    model.save_pretrained(path)
+    with torch.no_grad():
+        out = model(**make_inputs("gpt2"))
+    return SimpleNamespace(path=path, model=model, out=out)
+
+
+# ---------------------------------------------------------------------------------------------------- every arch
+@pytest.mark.parametrize("arch", ARCHS)
+def test_from_pretrained_dir_and_instance(arch, tiny_dirs):
+    hf = tiny_hf_model(arch)
+    with pytest.warns(UserWarning) as rec:
+        from_dir = wrapper_cls(arch).from_pretrained(tiny_dirs[arch])
+    msgs = vhead_warnings(rec)
+    assert len(msgs) == 1 and str(tiny_dirs[arch]) in msgs[0]  # plain HF checkpoint: warned once, with the path
+    assert_state_equal(from_dir.pretrained_model.state_dict(), hf.state_dict())
+
+    from_instance = wrapper_cls(arch).from_pretrained(hf)
+    assert from_instance.pretrained_model is hf
+    assert isinstance(from_instance.v_head, ValueHead)
+    assert from_instance.v_head.summary.weight.shape[0] == 1
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_contract_and_value_source(arch):
+    hf = tiny_hf_model(arch)
+    model = wrapper_cls(arch).from_pretrained(hf).eval()
+    inputs = make_inputs(arch)
+    t_out = T_DEC if arch in SEQ2SEQ else T
+    with torch.no_grad():
+        out = model(**inputs)
+        with_labels = model(**inputs, labels=(inputs.get("decoder_input_ids", inputs["input_ids"])))
+        with_past = model(**inputs, return_past_key_values=True)
+        reference = hf(**inputs, output_hidden_states=True, return_dict=True)
+
+    assert isinstance(out, tuple) and len(out) == 3
+    logits, loss, value = out
+    assert logits.dtype == torch.float32 and logits.shape == (B, t_out, VOCAB)
+    assert loss is None
+    assert value.shape == (B, t_out)
+    assert len(with_labels) == 3 and with_labels[1].dim() == 0 and torch.isfinite(with_labels[1])
+    assert len(with_past) == 4 and isinstance(with_past[3], transformers.Cache)
+    assert_outputs_equal(with_past[:3], out)
+
+    # the value head reads the decoder's last hidden state, whose width is word_embed_proj_dim for OPT
+    cfg = hf.config
+    width = cfg.word_embed_proj_dim if arch == "opt" else cfg.hidden_size
+    if arch == "opt":
+        assert width == 16 != cfg.hidden_size
+    assert model.v_head.summary.in_features == width == hidden_size_of(cfg)
+
+    # same state TRL read via output_hidden_states=True, without keeping every layer
+    last = (reference.decoder_hidden_states if arch in SEQ2SEQ else reference.hidden_states)[-1]
+    torch.testing.assert_close(value, model.v_head(last).squeeze(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, reference.logits.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_matches_base(arch):
+    hf = tiny_hf_model(arch)
+    model = wrapper_cls(arch).from_pretrained(hf).eval()
+    ids = make_inputs(arch)["input_ids"]
+    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    if arch not in SEQ2SEQ:
+        kw["min_new_tokens"] = 3
+    out = model.generate(input_ids=ids, **kw)
+    expected = hf.generate(input_ids=ids, **kw)
+    assert torch.equal(out, expected)
+    if arch in SEQ2SEQ:
+        assert out.shape[0] == B and 2 <= out.shape[1] <= 4  # decoder start token + up to 3 new
+    else:
+        assert out.shape == (B, T + 3) and torch.equal(out[:, :T], ids)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_round_trip_and_plain_transformers_load(arch, tmp_path):
+    model = wrapper_cls(arch).from_pretrained(tiny_hf_model(arch)).eval()
+    inputs = make_inputs(arch)
+    model.save_pretrained(tmp_path / "ckpt")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        reloaded = wrapper_cls(arch).from_pretrained(tmp_path / "ckpt").eval()
+    assert vhead_warnings(rec) == []  # the value head was found: no "freshly initialised" warning
+
+    state = model.state_dict()
+    assert {"v_head.summary.weight", "v_head.summary.bias"} <= set(state)
+    assert_state_equal(reloaded.state_dict(), state)
+    with torch.no_grad():
+        assert_outputs_equal(reloaded(**inputs), model(**inputs))
+
+    plain = hf_auto(arch).from_pretrained(tmp_path / "ckpt")
+    assert not hasattr(plain, "v_head")
+    assert_state_equal(plain.state_dict(), model.pretrained_model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_sharded_save_loads_locally(arch, tmp_path):
+    model = wrapper_cls(arch).from_pretrained(tiny_hf_model(arch)).eval()
+    with torch.no_grad():
+        model.v_head.summary.bias.fill_(0.75)
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    assert not (tmp_path / "model.safetensors").exists()
+
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        reloaded = wrapper_cls(arch).from_pretrained(tmp_path).eval()  # TRL: HFValidationError (trl#1917)
+    assert vhead_warnings(rec) == []
+    assert_state_equal(reloaded.state_dict(), model.state_dict())
+    inputs = make_inputs(arch)
+    with torch.no_grad():
+        assert_outputs_equal(reloaded(**inputs), model(**inputs))
+
+
+def test_truncated_safetensors_raises_checkpoint_error(saved_gpt2, tmp_path):
+    shutil.copytree(saved_gpt2.path, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        CLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_garbage_pickle_raises_checkpoint_error(saved_gpt2, tmp_path):
+    shutil.copytree(saved_gpt2.path, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    (tmp_path / "ckpt" / "pytorch_model.bin").write_bytes(b"this is not a torch pickle" * 40)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        CLM.from_pretrained(tmp_path / "ckpt")
+
+
+def test_value_head_of_another_architecture_is_rejected(saved_gpt2, tiny_dirs, tmp_path):
+    """A gpt2 checkpoint (hidden 32) whose v_head was taken from an OPT model (word_embed_proj_dim 16)."""
+    opt_head = load_quiet(CLM, tiny_dirs["opt"]).v_head.state_dict()
+    shutil.copytree(saved_gpt2.path, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors.update({f"v_head.{k}": v.contiguous() for k, v in opt_head.items()})
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"(?s)\(1, 16\).*\(1, 32\)") as err:
+        CLM.from_pretrained(tmp_path / "ckpt")
+    assert "architecture" in str(err.value)
+
+
+def test_save_keeps_tokenizer_in_existing_dir(byt5, tmp_path):
+    model = CLM.from_pretrained(tiny_hf_model("gpt2")).eval()
+    byt5.save_pretrained(tmp_path)
+    tokenizer_files = {p.name for p in tmp_path.iterdir()}
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # re-saving over a checkpoint keeps it too
+    assert tokenizer_files <= {p.name for p in tmp_path.iterdir()}
+    tok = transformers.ByT5Tokenizer.from_pretrained(tmp_path)
+    assert tok("hi").input_ids == byt5("hi").input_ids
+    assert_state_equal(CLM.from_pretrained(tmp_path).state_dict(), model.state_dict())
+
+
+def test_failed_save_leaves_previous_checkpoint_untouched(saved_gpt2, tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    shutil.copytree(saved_gpt2.path, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    other = CLM.from_pretrained(tiny_hf_model("gpt2", seed=1)).eval()
+
+    def broken_save(save_directory, *args, **kwargs):
+        Path(save_directory, "model.safetensors").write_bytes(b"half written")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(other.pretrained_model, "save_pretrained", broken_save)
+    with pytest.raises(RuntimeError, match="disk full"):
+        other.save_pretrained(target)
+
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left behind
+    reloaded = CLM.from_pretrained(target).eval()
+    with torch.no_grad():
+        assert_outputs_equal(reloaded(**make_inputs("gpt2")), saved_gpt2.out)
+
+
+# ---------------------------------------------------------------------------------------------------- TRL compatibility
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_trl_checkpoint_loads_here(arch, tiny_dirs, trl_classes, tmp_path):
+    trl_model = load_quiet(trl_classes[arch], str(tiny_dirs[arch]))
+    with torch.no_grad():
+        trl_model.v_head.summary.bias.fill_(-0.5)
+    trl_model.save_pretrained(str(tmp_path))
+    ours = wrapper_cls(arch).from_pretrained(tmp_path).eval()
+    trl_model.eval()
+    inputs = make_inputs(arch)
+    with torch.no_grad():
+        assert_outputs_equal(ours(**inputs), trl_model(**inputs))
+    assert torch.equal(ours.v_head.summary.weight, trl_model.v_head.summary.weight)
+    assert torch.equal(ours.v_head.summary.bias, trl_model.v_head.summary.bias)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_our_checkpoint_loads_in_trl(arch, trl_classes, tmp_path):
+    ours = wrapper_cls(arch).from_pretrained(tiny_hf_model(arch)).eval()
+    with torch.no_grad():
+        ours.v_head.summary.bias.fill_(0.5)
+    ours.save_pretrained(tmp_path)
+    trl_model = load_quiet(trl_classes[arch], str(tmp_path)).eval()
+    inputs = make_inputs(arch)
+    with torch.no_grad():
+        assert_outputs_equal(trl_model(**inputs), ours(**inputs))
+    assert torch.equal(trl_model.v_head.summary.bias, ours.v_head.summary.bias)
+
+
+def test_trl_peft_checkpoint_loads_here(tiny_dirs, trl_classes, tmp_path):
+    trl_model = load_quiet(trl_classes["gpt2"], str(tiny_dirs["gpt2"]), peft_config=gpt2_lora())
+    perturb_lora_b(trl_model, seed=3)
+    with torch.no_grad():
+        trl_model.v_head.summary.bias.fill_(0.3)
+    trl_model.save_pretrained(str(tmp_path))  # TRL: adapter files + pytorch_model.bin holding the v_head
+    assert {"adapter_config.json", "adapter_model.safetensors", "pytorch_model.bin"} <= set(os.listdir(tmp_path))
+
+    ours = CLM.from_pretrained(tmp_path).eval()
+    assert ours.is_peft_model
+    trl_model.eval()
+    inputs = make_inputs("gpt2")
+    with torch.no_grad():
+        assert_outputs_equal(ours(**inputs), trl_model(**inputs))
+        # the adapter matters: the bare base gives other logits
+        with ours.pretrained_model.disable_adapter():
+            assert not torch.equal(ours(**inputs)[0], trl_model(**inputs)[0])
+
+
+def test_our_peft_checkpoint_loads_in_trl(tiny_dirs, trl_classes, tmp_path):
+    ours = load_quiet(CLM, tiny_dirs["gpt2"], peft_config=gpt2_lora())
+    perturb_lora_b(ours, seed=4)
+    with torch.no_grad():
+        ours.v_head.summary.bias.fill_(-0.3)
+    ours.eval().save_pretrained(tmp_path)
+    trl_model = load_quiet(trl_classes["gpt2"], str(tmp_path)).eval()
+    assert trl_model.is_peft_model
+    inputs = make_inputs("gpt2")
+    with torch.no_grad():
+        assert_outputs_equal(trl_model(**inputs), ours(**inputs))
+    assert torch.equal(trl_model.v_head.summary.weight, ours.v_head.summary.weight)
+
+
+# ---------------------------------------------------------------------------------------------------- TRL bugs fixed
+def test_nested_in_parent_module_state_dict_round_trips():
+    parent, other = nn.Module(), nn.Module()
+    parent.child = CLM(tiny_hf_model("gpt2", seed=0))
+    other.child = CLM(tiny_hf_model("gpt2", seed=1))
+    state = parent.state_dict()  # TRL: RuntimeError: OrderedDict mutated during iteration
+    assert set(state) == {f"child.{k}" for k in nn.Module.state_dict(parent.child)}  # ordinary nested format
+    assert "child.v_head.summary.weight" in state and "child.pretrained_model.lm_head.weight" in state
+    assert not torch.equal(other.child.v_head.summary.weight, parent.child.v_head.summary.weight)
+    result = other.load_state_dict(state)  # strict
+    assert not result.missing_keys and not result.unexpected_keys
+    assert_state_equal(other.state_dict(), state)
+    parent.load_state_dict(parent.state_dict())
+
+
+def test_ddp_state_dict():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = CLM(tiny_hf_model("gpt2"))
+        ddp = DDP(model)
+        state = ddp.state_dict()  # TRL: RuntimeError: OrderedDict mutated during iteration
+        assert "module.v_head.summary.weight" in state
+        assert torch.equal(state["module.v_head.summary.weight"], model.v_head.summary.weight)
+        ddp.load_state_dict(state)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_wrapper_load_state_dict_strict_round_trip():
+    model = CLM(tiny_hf_model("gpt2", seed=0)).eval()
+    other = CLM(tiny_hf_model("gpt2", seed=1)).eval()
+    state = model.state_dict()
+    assert "transformer.wte.weight" in state and "v_head.summary.weight" in state  # TRL's key format
+    result = other.load_state_dict(state)  # TRL: RuntimeError (missing/unexpected keys)
+    assert not result.missing_keys and not result.unexpected_keys
+    inputs = make_inputs("gpt2")
+    with torch.no_grad():
+        assert_outputs_equal(other(**inputs), model(**inputs))
+    # the nn.Module (prefixed) format is accepted too
+    third = CLM(tiny_hf_model("gpt2", seed=2)).eval()
+    third.load_state_dict(nn.Module.state_dict(model))
+    assert_state_equal(third.state_dict(), state)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_plain_constructor_gives_working_model(arch):
+    hf = tiny_hf_model(arch)
+    model = wrapper_cls(arch)(hf)  # TRL: AttributeError 'is_peft_model' on forward
+    inputs = make_inputs(arch)
+    with torch.no_grad():
+        logits, loss, value = model(**inputs)
+        expected = hf(**inputs).logits
+    assert torch.equal(logits, expected) and loss is None and value.shape == logits.shape[:2]
+
+
+def test_train_eval_modes_are_consistent(tiny_dirs):
+    model = load_quiet(CLM, tiny_dirs["gpt2"], summary_dropout_prob=0.5)
+    modes = {m.training for m in model.modules()}
+    assert modes == {False}  # TRL: wrapper and head in train mode, base in eval
+    inputs = make_inputs("gpt2")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs)[2], model(**inputs)[2])
+        model.train()
+        assert model.pretrained_model.training and model.v_head.dropout.training
+        assert not torch.equal(model(**inputs)[2], model(**inputs)[2])
+
+    train_base = tiny_hf_model("gpt2").train()
+    assert {m.training for m in CLM(train_base).modules()} == {True}
+
+
+def test_unknown_init_strategy_raises(tiny_dirs):
+    with pytest.raises(ValueError, match="xavier"):
+        CLM.from_pretrained(tiny_dirs["gpt2"], v_head_init_strategy="xavier")
+    with pytest.raises(ValueError, match="xavier"):
+        CLM(tiny_hf_model("gpt2"), v_head_init_strategy="xavier")
+
+
+def test_normal_and_default_init():
+    hf = tiny_hf_model("gpt2")
+    torch.manual_seed(0)
+    normal = CLM(hf, v_head_init_strategy="normal", v_head_initializer_range=0.05).v_head.summary
+    wide = CLM(hf, v_head_init_strategy="normal", v_head_initializer_range=5.0).v_head.summary
+    assert torch.all(normal.bias == 0) and torch.all(wide.bias == 0)
+    assert 0.05 * 0.6 < normal.weight.std().item() < 0.05 * 1.4
+    assert 5.0 * 0.6 < wide.weight.std().item() < 5.0 * 1.4
+    default_std = CLM(hf, v_head_init_strategy="normal").v_head.summary.weight.std().item()
+    assert 0.2 * 0.6 < default_std < 0.2 * 1.4  # TRL's default range
+
+    default = CLM(hf).v_head.summary  # nn.Linear's default: bias uniform in +-1/sqrt(H), not zero
+    bound = 1 / hf.config.hidden_size**0.5
+    assert torch.all(default.bias != 0) and torch.all(default.bias.abs() <= bound)
+    assert default.weight.abs().max() <= bound
+
+
+def test_explicit_dropout_beats_config(tiny_dirs):
+    hf = tiny_hf_model("gpt2")
+    hf.config.summary_dropout_prob = 0.3
+    assert CLM(hf).v_head.dropout.p == 0.3  # the config is used when nothing is passed
+    assert CLM(hf, summary_dropout_prob=0.5).v_head.dropout.p == 0.5  # TRL: 0.3 (config wins)
+    assert isinstance(CLM(hf, summary_dropout_prob=0.0).v_head.dropout, nn.Identity)
+    assert CLM.from_pretrained(hf, summary_dropout_prob=0.5).v_head.dropout.p == 0.5
+    assert load_quiet(CLM, tiny_dirs["gpt2"], summary_dropout_prob=0.5).v_head.dropout.p == 0.5
+
+
+def test_hidden_size_resolution():
+    cfg = transformers.PretrainedConfig()
+    cfg.text_config = transformers.PretrainedConfig(hidden_size=24)
+    assert not isinstance(getattr(cfg, "hidden_size", None), int)
+    assert hidden_size_of(cfg) == 24  # TRL: UnboundLocalError
+    assert ValueHead(cfg).summary.in_features == 24
+    with pytest.raises(ValueError, match="hidden_size"):
+        hidden_size_of(transformers.PretrainedConfig())
+
+
+def test_invalid_from_pretrained_arguments(tiny_dirs):
+    gpt2_cfg = transformers.AutoConfig.for_model(**TINY_CONFIGS["gpt2"])
+    with pytest.raises(ValueError, match=r"(?i)(language.model|lm) head"):
+        CLM.from_pretrained(transformers.GPT2Model(gpt2_cfg))  # TRL: AttributeError
+    with pytest.raises(ValueError, match="string or a PreTrainedModel"):
+        CLM.from_pretrained(123)
+    with pytest.raises(ValueError, match="PeftConfig"):
+        CLM.from_pretrained(tiny_dirs["gpt2"], peft_config={"r": 4})
+    with pytest.raises(ValueError, match="PeftModel"):
+        load_quiet(CLM, tiny_dirs["gpt2"], reward_adapter=str(tiny_dirs["gpt2"]))
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_forward_does_not_request_all_hidden_states(arch, monkeypatch):
+    hf = tiny_hf_model(arch)
+    model = wrapper_cls(arch).from_pretrained(hf).eval()
+    inputs = make_inputs(arch)
+    with torch.no_grad():
+        reference = hf(**inputs, output_hidden_states=True)
+    real_forward = hf.forward
+    calls = []
+
+    def recording_forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        calls.append((kwargs, out))
+        return out
+
+    monkeypatch.setattr(hf, "forward", recording_forward)
+    with torch.no_grad():
+        _, _, value = model(**inputs)
+    assert len(calls) == 1
+    kwargs, out = calls[0]
+    assert kwargs.get("output_hidden_states") is not True
+    assert getattr(out, "decoder_hidden_states" if arch in SEQ2SEQ else "hidden_states", None) is None
+    last = (reference.decoder_hidden_states if arch in SEQ2SEQ else reference.hidden_states)[-1]
+    torch.testing.assert_close(value, model.v_head(last).squeeze(-1), rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- value helpers
+def test_mask_values_and_gather_last():
+    values = torch.arange(1.0, 13.0).reshape(3, 4)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [1, 1, 1, 1]])
+    masked = lit_vhead.mask_values(values, mask)
+    assert torch.equal(masked, torch.where(mask.bool(), values, torch.zeros_like(values)))
+    assert lit_vhead.mask_values(values, None) is values
+    # right-padded row 0 -> position 2, left-padded row 1 -> position 3, unpadded row 2 -> position 3
+    assert torch.equal(lit_vhead.gather_last(values, mask), torch.tensor([3.0, 8.0, 12.0]))
+    scores = values.unsqueeze(-1)  # [B, T, 1] like compute_reward_score
+    assert torch.equal(lit_vhead.gather_last(scores, mask), torch.tensor([[3.0], [8.0], [12.0]]))
+    with pytest.raises(ValueError):
+        lit_vhead.gather_last(values, torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]]))
+
+
+def test_forward_zeroes_values_at_padding():
+    model = CLM(tiny_hf_model("gpt2")).eval()
+    ids = make_inputs("gpt2")["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0  # right padding
+    mask[1, :2] = 0  # left padding
+    with torch.no_grad():
+        _, _, value = model(ids, attention_mask=mask)
+        _, _, short = model(ids[:1, :3])
+    assert torch.all(value[mask == 0] == 0) and torch.all(value[mask == 1] != 0)
+    torch.testing.assert_close(value[0, :3], short[0], rtol=0, atol=1e-5)
+
+
+def test_seq2seq_forward_zeroes_values_at_decoder_padding():
+    model = S2S(tiny_hf_model("t5")).eval()
+    inputs = make_inputs("t5")
+    dec_mask = torch.ones_like(inputs["decoder_input_ids"])
+    dec_mask[0, -1] = 0
+    with torch.no_grad():
+        _, _, value = model(**inputs, decoder_attention_mask=dec_mask)
+    assert value[0, -1] == 0 and torch.all(value[dec_mask == 1] != 0)
+
+
+# ---------------------------------------------------------------------------------------------------- push_to_hub
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    record = SimpleNamespace(created=[], uploads=[], root=tmp_path / "uploaded")
+
+    def create_repo(self, repo_id, **kwargs):
+        record.created.append((repo_id, kwargs))
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        dest = record.root / f"upload{len(record.uploads)}"
+        shutil.copytree(folder_path, dest)
+        record.uploads.append((repo_id, dest, kwargs))
+        return f"https://huggingface.co/{repo_id}/commit/fake"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    return record
+
+
+def test_push_to_hub_uploads_value_head_without_mutating_base(fake_hub, saved_gpt2):
+    model = saved_gpt2.model
+    model.push_to_hub("me/tiny-vhead")
+    assert [c[0] for c in fake_hub.created] == ["me/tiny-vhead"]
+    ((repo_id, folder, _),) = fake_hub.uploads
+    assert repo_id == "me/tiny-vhead"
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert {"v_head.summary.weight", "v_head.summary.bias"} <= set(f.keys())
+    reloaded = CLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert_outputs_equal(reloaded(**make_inputs("gpt2")), saved_gpt2.out)
+    assert not hasattr(model.pretrained_model, "v_head")  # TRL attaches the v_head to the base for good
+    assert not any("v_head" in k for k in model.pretrained_model.state_dict())
+
+
+def test_push_to_hub_peft_uploads_adapter_and_value_head(fake_hub, tiny_dirs):
+    model = load_quiet(CLM, tiny_dirs["gpt2"], peft_config=gpt2_lora())
+    perturb_lora_b(model, seed=5)
+    model.eval()
+    model.push_to_hub("me/tiny-peft")
+    ((_, folder, _),) = fake_hub.uploads
+    assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= set(os.listdir(folder))
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == {"v_head.summary.weight", "v_head.summary.bias"}
+    reloaded = CLM.from_pretrained(folder).eval()
+    inputs = make_inputs("gpt2")
+    with torch.no_grad():
+        assert_outputs_equal(reloaded(**inputs), model(**inputs))
+    assert not hasattr(model.pretrained_model, "v_head")
+    assert not hasattr(model.hf_model, "v_head")
+
+
+# ---------------------------------------------------------------------------------------------------- PEFT
+def test_peft_from_path_and_instance_trainable_counts(tiny_dirs):
+    from_path = load_quiet(CLM, tiny_dirs["gpt2"], peft_config=gpt2_lora())
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"])
+    from_instance = CLM.from_pretrained(base, peft_config=gpt2_lora())
+    cfg = base.config
+    # LoRA on c_attn (n_embd -> 3 * n_embd), r=4, in every layer; v_head is Linear(n_embd, 1)
+    expected_lora = cfg.n_layer * 4 * (cfg.n_embd + 3 * cfg.n_embd)
+    v_head = cfg.n_embd + 1
+    for model in (from_path, from_instance):
+        assert model.is_peft_model and isinstance(model.pretrained_model, PeftModel)
+        assert lora_numel(model) == expected_lora
+        assert trainable_numel(model) == expected_lora + v_head
+        assert model.v_head.summary.weight.requires_grad and model.v_head.summary.bias.requires_grad
+        assert not model.hf_model.transformer.wte.weight.requires_grad
+
+
+def test_peft_save_reload_and_is_trainable(tiny_dirs, tmp_path):
+    model = load_quiet(CLM, tiny_dirs["gpt2"], peft_config=gpt2_lora())
+    perturb_lora_b(model, seed=6)
+    model.eval()
+    state = model.state_dict()
+    assert set(state) == {"v_head.summary.weight", "v_head.summary.bias"}
+    model.save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= files
+    assert "pytorch_model.bin" not in files  # TRL wrote a pickle
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert set(f.keys()) == set(state)
+    assert (tmp_path / "model.safetensors").read_bytes()[:2] != b"PK"  # not a zip pickle
+
+    inputs = make_inputs("gpt2")
+    frozen = CLM.from_pretrained(tmp_path).eval()
+    assert trainable_numel(frozen) == model.v_head.summary.weight.numel() + 1  # v_head only
+    trainable = CLM.from_pretrained(tmp_path, is_trainable=True).eval()
+    assert trainable_numel(trainable) == trainable_numel(model) == lora_numel(model) + model.config.n_embd + 1
+    with torch.no_grad():
+        expected = model(**inputs)
+        assert_outputs_equal(frozen(**inputs), expected)
+        assert_outputs_equal(trainable(**inputs), expected)
+
+
+def test_peft_save_into_new_nested_dir(tiny_dirs, tmp_path):
+    model = load_quiet(CLM, tiny_dirs["gpt2"], peft_config=gpt2_lora())
+    model.save_pretrained(save_directory=tmp_path / "a" / "b")  # TRL: IndexError / parent dir must exist
+    assert_state_equal(CLM.from_pretrained(tmp_path / "a" / "b").state_dict(), model.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------------- reward adapter
+@pytest.fixture(scope="module")
+def reward_setup(tiny_dirs, tmp_path_factory):
+    seq = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_dirs["gpt2"], num_labels=1)
+    seq.config.pad_token_id = 0  # batch > 1 needs a pad id; the inputs never contain 0
+    rm_config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"],
+                           fan_in_fan_out=True)  # fmt: skip
+    rm = get_peft_model(seq, rm_config)
+    perturb_lora_b(rm, seed=7)
+    g = torch.Generator().manual_seed(8)
+    with torch.no_grad():
+        score_params = [p for n, p in rm.named_parameters() if "score" in n and p.requires_grad]
+        assert score_params
+        for p in score_params:
+            p.copy_(torch.randn(p.shape, generator=g))
+    rm.eval()
+    path = tmp_path_factory.mktemp("reward_adapter")
+    rm.save_pretrained(path)
+    ids = make_inputs("gpt2")["input_ids"]
+    with torch.no_grad():
+        logits = rm(input_ids=ids).logits
+    return SimpleNamespace(path=path, ids=ids, logits=logits)
+
+
+def test_reward_adapter_scores_match_seq_cls_model(tiny_dirs, reward_setup):
+    policy = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"]), gpt2_lora())
+    perturb_lora_b(policy, seed=9)  # a policy adapter that differs from the reward adapter
+    model = CLM.from_pretrained(policy, reward_adapter=str(reward_setup.path))
+    assert model.supports_rm_adapter
+    assert all(not p.requires_grad for p in model.score.parameters())
+    lora_grad = {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n}
+    assert any(lora_grad.values())
+
+    for mode in (True, False):
+        model.train(mode)
+        before_modes = [m.training for m in model.modules()]
+        before_adapter = model.pretrained_model.active_adapter
+        scores = model.compute_reward_score(reward_setup.ids)
+        assert scores.shape == (B, T, 1) and not scores.requires_grad
+        torch.testing.assert_close(scores[:, -1, :], reward_setup.logits, rtol=1e-5, atol=1e-5)
+        assert [m.training for m in model.modules()] == before_modes
+        assert model.pretrained_model.active_adapter == before_adapter == "default"
+        assert {n: p.requires_grad for n, p in model.named_parameters() if "lora_" in n} == lora_grad
+
+    # the policy forward still uses the policy adapter afterwards
+    model.eval()
+    with torch.no_grad():
+        expected = policy(input_ids=reward_setup.ids).logits
+        assert torch.equal(model(reward_setup.ids)[0], expected)
+
+
+def test_compute_reward_score_without_adapter_raises():
+    model = CLM(tiny_hf_model("gpt2"))
+    with pytest.raises(ValueError, match="reward"):
+        model.compute_reward_score(make_inputs("gpt2")["input_ids"])

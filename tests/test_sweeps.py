@@ -1,0 +1,66 @@
+"""Hydra sweeps through the CLI: summary table, reward-curve comparison, DDP children, Optuna."""
+
+import csv
+
+import pytest
+import yaml
+from conftest import FAST, compose
+from test_train import run_cli
+
+from lit_vhead.train import main, metric_value
+
+SHORT = ["ppo.steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.generation.max_new_tokens=8",
+         "logger=csv", "callbacks=none"]
+
+
+@pytest.mark.slow
+def test_grid_sweep_writes_a_summary_table_and_a_comparison_plot(tmp_path):
+    result = run_cli(["-m", "head.init=null,normal", "ppo.learning_rate=1e-5,3e-5", *SHORT,
+                      f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(tmp_path / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
+    combos = {(o.split()[0], o.split()[1]) for o in (r["overrides"] for r in rows)}
+    assert combos == {(f"head.init={i}", f"ppo.learning_rate={lr}") for i in ("null", "normal") for lr in ("1e-05", "3e-05")}
+    assert all(float(r["env/reward_mean"]) > 0 and r["run_dir"].endswith(r["job"]) for r in rows)
+    assert "env/reward_mean" in result.stdout and "summary.csv" in result.stdout
+    assert (tmp_path / "rewards.png").stat().st_size > 1000
+    assert all((tmp_path / j / "curves.png").is_file() for j in "0123")
+
+
+@pytest.mark.slow
+def test_ddp_multirun_does_not_start_a_second_sweep(tmp_path):
+    result = run_cli(["-m", "head.init=null,normal", "trainer=ddp", "trainer.devices=2", *SHORT,
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert output.count("Launching 2 jobs locally") == 1
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
+    assert not (tmp_path / "outputs").exists()  # no stray run or sweep tree from the child ranks
+    for job in ("0", "1"):
+        assert (tmp_path / "sweep" / job / "train_ddp_process_1.log").is_file()  # rank 1 ran inside its job dir
+    with open(tmp_path / "sweep" / "summary.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+@pytest.mark.slow
+def test_optuna_search_maximises_the_optimized_metric(tmp_path):
+    result = run_cli(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3",
+                      "hydra.sweeper.sampler.n_startup_trials=2", *SHORT, f"hydra.sweep.dir={tmp_path}"],
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"ppo.learning_rate", "ppo.init_kl_coef", "head.init"}
+    with open(tmp_path / "summary.csv") as f:
+        rewards = [float(r["env/reward_mean"]) for r in csv.DictReader(f)]
+    assert len(rewards) == 3 and best["best_value"] == pytest.approx(max(rewards))
+
+
+def test_main_returns_the_optimized_metric(tmp_path):
+    cfg = compose(FAST + ["optimized_metric=objective/kl"], tmp_path)
+    value = main(cfg)
+    assert isinstance(value, float)
+    assert value == pytest.approx(float(open(tmp_path / "metrics.json").read().split('"objective/kl": ')[1].split(",")[0]))
+    with pytest.raises(ValueError, match="no/such.*was not logged"):
+        metric_value({"a": 1.0}, "no/such")
