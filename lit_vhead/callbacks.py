@@ -13,26 +13,60 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import lightning as L
 from torch import nn
 
-from lit_vhead.reference import create_reference_model, shared_parameter_names, tie_shared_parameters
+from lit_vhead.reference import (
+    create_reference_model,
+    layer_module_names,
+    shared_parameter_names,
+    tie_shared_parameters,
+)
 
 REFERENCE_MODES = ("copy", "shared", "peft")
 
 
 @dataclass
 class Reference:
-    """What computes the reference log-probs: ``model`` (a value-head wrapper) run inside ``context()``."""
+    """What computes the reference log-probs: ``model`` (a value-head wrapper) run inside ``context()``.
+
+    Trunk reuse (``trunk``: the module paths of the shared layers 0..k-1): the policy's rollout forward, run inside
+    ``capture(policy)``, keeps the output of its layer k-1; the reference forward then skips its layers 0..k-1 and
+    starts from that output. The shared layers are the same frozen storage and see the same inputs, so the result is
+    exactly what a full reference forward gives, for k/L less work.
+    """
 
     model: nn.Module
     mode: str
     adapter_name: str | None = None
+    trunk: tuple[str, ...] = ()
+    captured: Any = field(default=None, repr=False)
+
+    @contextlib.contextmanager
+    def capture(self, policy: nn.Module) -> Iterator[None]:
+        """Keep the output of the policy's last shared layer during the forward run inside this block."""
+        if not self.trunk:
+            yield
+            return
+
+        def keep(module: nn.Module, inputs: Any, output: Any) -> None:
+            self.captured = output
+
+        handle = policy.get_submodule(self.trunk[-1]).register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
+        if self.trunk:
+            with self._skip_trunk():
+                yield
+            return
         if self.mode != "peft":
             yield
             return
@@ -48,6 +82,20 @@ class Reference:
         finally:
             peft_model.set_adapter(previous)
 
+    @contextlib.contextmanager
+    def _skip_trunk(self) -> Iterator[None]:
+        if self.captured is None:
+            raise RuntimeError("Trunk reuse: run the policy's forward inside `reference.capture(policy)` first.")
+        captured, self.captured = self.captured, None
+        layers = [self.model.get_submodule(path) for path in self.trunk]
+        for layer in layers:  # an instance attribute shadows the class's forward until deleted
+            layer.forward = lambda *args, **kwargs: captured
+        try:
+            yield
+        finally:
+            for layer in layers:
+                del layer.forward
+
 
 class ReferenceModelCallback(L.Callback):
     """Builds the frozen reference for a :class:`~lit_vhead.module.PPOModule`."""
@@ -59,6 +107,7 @@ class ReferenceModelCallback(L.Callback):
         pattern: str | None = None,
         adapter_name: str | None = None,
         adapter_path: str | None = None,
+        reuse_trunk: bool = True,
     ) -> None:
         if mode not in REFERENCE_MODES:
             raise ValueError(f"ref.mode={mode!r} is not one of {list(REFERENCE_MODES)}.")
@@ -70,6 +119,7 @@ class ReferenceModelCallback(L.Callback):
             raise ValueError("ref.adapter_path needs ref.adapter_name (the name to load the reference adapter as).")
         self.mode, self.num_shared_layers, self.pattern = mode, num_shared_layers, pattern
         self.adapter_name, self.adapter_path = adapter_name, adapter_path
+        self.reuse_trunk = reuse_trunk and mode == "shared"
 
     def validate(self, policy: nn.Module) -> None:
         """Check the settings against the policy before anything is copied or frozen."""
@@ -86,7 +136,9 @@ class ReferenceModelCallback(L.Callback):
                 policy.pretrained_model.load_adapter(self.adapter_path, self.adapter_name, is_trainable=False)
             return Reference(policy, "peft", self.adapter_name)
         layers = self.num_shared_layers if self.mode == "shared" else None
-        return Reference(create_reference_model(policy, layers, self.pattern), self.mode)
+        reference = create_reference_model(policy, layers, self.pattern)
+        trunk = tuple(layer_module_names(policy, layers, self.pattern)) if self.reuse_trunk else ()
+        return Reference(reference, self.mode, trunk=trunk)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         pl_module.reference_builder = self.build

@@ -126,7 +126,8 @@ class PPOModule(L.LightningModule):
         tic = time.perf_counter()
         with torch.no_grad():
             full_kl = ppo.kl_penalty == "full"
-            policy_out = forward(self.policy, rollout, with_values=True, temperature=ppo.generation.temperature)
+            with self.reference.capture(self.policy):
+                policy_out = forward(self.policy, rollout, with_values=True, temperature=ppo.generation.temperature)
             with self.reference.context():
                 ref_out = forward(self.reference.model, rollout, False, ppo.generation.temperature)
             rollout.logprobs, rollout.values, rollout.ref_logprobs = (
