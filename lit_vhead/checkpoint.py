@@ -67,8 +67,12 @@ def _fetch(name_or_path: str, filename: str, hub_kwargs: dict) -> str | None:
         candidate = os.path.join(name_or_path, filename)
         return candidate if os.path.isfile(candidate) else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
-    from huggingface_hub.errors import RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return hf_hub_download(name_or_path, filename, **hub_kwargs)

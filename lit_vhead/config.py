@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -31,7 +30,7 @@ class KLPenalty(str, Enum):
 
 @dataclass
 class HeadConfig:
-    init: Optional[HeadInit] = None
+    init: HeadInit | None = None
     dropout: float = 0.1  # summary_dropout_prob; PPO runs with dropout off, this matters for other uses
     initializer_range: float = 0.2
 
@@ -74,9 +73,9 @@ class PPOConfig:
     ratio_threshold: float = 10.0
     use_score_scaling: bool = False
     use_score_norm: bool = False
-    score_clip: Optional[float] = None
+    score_clip: float | None = None
     whiten_rewards: bool = False
-    max_grad_norm: Optional[float] = None
+    max_grad_norm: float | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
     def validate(self, world_size: int = 1) -> None:

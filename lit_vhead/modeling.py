@@ -398,6 +398,11 @@ class _ValueHeadModel(PreTrainedModelWrapper):
         self.v_head.to(output_embeddings.weight.device)
         self.train(pretrained_model.training)  # the head's dropout follows the base's mode
 
+    @property
+    def _cache_argument(self) -> str:
+        """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40)."""
+        return "cache" if "cache" in inspect.signature(self.hf_model.forward).parameters else "past_key_values"
+
     def _check_lm_head(self) -> None:
         if self.hf_model.get_output_embeddings() is None or not hasattr(self.hf_model, "generate"):
             raise ValueError(
@@ -436,7 +441,7 @@ class _ValueHeadModel(PreTrainedModelWrapper):
         Values at padding positions (``attention_mask == 0``; ``decoder_attention_mask`` for seq2seq) are zero.
         """
         if past_key_values is not None:
-            kwargs["past_key_values"] = past_key_values
+            kwargs[self._cache_argument] = past_key_values
         if return_past_key_values:
             kwargs["use_cache"] = True
         output, hidden = self._base_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -444,7 +449,9 @@ class _ValueHeadModel(PreTrainedModelWrapper):
         value = mask_values(value, self._value_mask(attention_mask, kwargs, value))
         lm_logits = output.logits if output.logits.dtype == torch.float32 else output.logits.float()
         result = (lm_logits, output.loss, value)
-        return (*result, output.past_key_values) if return_past_key_values else result
+        if not return_past_key_values:
+            return result
+        return (*result, output.get("cache", output.get("past_key_values")))
 
     def _value_mask(self, attention_mask: torch.Tensor | None, kwargs: dict, value: torch.Tensor):
         return attention_mask if attention_mask is not None and attention_mask.shape == value.shape else None

@@ -12,18 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.errors import InstantiationException
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from lit_vhead.loggers import CSVLogger
-from lit_vhead.checkpoint import CheckpointError
 from lit_vhead.builders import build_tokenizer, check_model_source, value_head_class
+from lit_vhead.checkpoint import CheckpointError
+from lit_vhead.loggers import CSVLogger
 from lit_vhead.module import PPOModule, ppo_config
 from lit_vhead.reference import shared_parameter_names
 from lit_vhead.sweep import fix_ddp_children_in_multirun
-
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
 

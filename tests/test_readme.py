@@ -3,7 +3,6 @@ with fast overrides), and the Python example executes."""
 
 import re
 import shlex
-import subprocess
 
 import pytest
 import torch
@@ -56,9 +55,8 @@ def test_every_train_command_in_the_readme_runs(tmp_path, command):
 
 
 def test_python_example_in_the_readme_runs(tmp_path):
-    from conftest import TINY_CONFIGS
-
     import transformers
+    from conftest import TINY_CONFIGS
 
     config = transformers.AutoConfig.for_model(**{**TINY_CONFIGS["gpt2"], "n_layer": 8})
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")

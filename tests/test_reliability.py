@@ -1,6 +1,5 @@
 """Exact resume after SIGKILL, atomic saves, and bad input that must fail clearly without losing work."""
 
-import csv
 import os
 import signal
 import subprocess
@@ -129,10 +128,10 @@ def test_truncated_lightning_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_tokenizer_without_pad_or_eos_is_a_clear_error(tmp_path):
-    from lit_vhead.builders import build_tokenizer
-
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from lit_vhead.builders import build_tokenizer
 
     tok_dir = tmp_path / "tok"
     PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))

@@ -1,0 +1,44 @@
+"""The notebooks in notebooks/ run top to bottom (each ends with cells of asserts), offline, writing nothing there."""
+
+from pathlib import Path
+
+import nbformat
+import pytest
+
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = ["quickstart.ipynb", "reference_memory.ipynb", "migrating_from_trl.ipynb"]
+KERNEL_ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
+
+
+def read(name: str):
+    return nbformat.read(NOTEBOOKS_DIR / name, as_version=4)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_valid_and_saved_without_outputs(name):
+    nb = read(name)
+    nbformat.validate(nb)
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
+    assert "assert" in code[-1].source or "assert" in code[-2].source  # ends with its checks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs(name, monkeypatch):
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    for key, value in KERNEL_ENV.items():
+        monkeypatch.setenv(key, value)  # the kernel is a child process: it inherits os.environ
+    before = sorted(p.name for p in NOTEBOOKS_DIR.iterdir())
+    nb = read(name)
+    client = NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOKS_DIR)}})
+    try:
+        client.execute()
+    except CellExecutionError as err:
+        pytest.fail(f"{name} failed:\n{err}", pytrace=False)
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert any("all checks passed" in o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert sorted(p.name for p in NOTEBOOKS_DIR.iterdir()) == before  # runs write to temp dirs only
