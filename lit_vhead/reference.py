@@ -108,14 +108,29 @@ def tie_shared_parameters(reference: nn.Module, model: nn.Module) -> int:
     """Point the reference's shared parameters back at the policy's storage after a device or dtype move.
 
     ``Module.to()`` replaces each parameter's data separately, which silently un-shares them. Returns how many were
-    re-tied.
+    re-tied. Only parameters already on the policy's device and dtype are re-tied: a reference deliberately kept in
+    another dtype or on another device (bf16, CPU offload) is left as it is rather than made half one, half the other.
     """
     policy = dict(model.named_parameters())
     tied = 0
     for name, ref_param in reference.named_parameters():
         own = policy.get(name)
         if own is not None and not own.requires_grad and own.shape == ref_param.shape:
-            if ref_param.data_ptr() != own.data_ptr() and torch.equal(ref_param.data.to(own.device), own.data):
+            if (ref_param.dtype, ref_param.device) != (own.dtype, own.device):
+                continue
+            if ref_param.data_ptr() != own.data_ptr() and torch.equal(ref_param.data, own.data):
                 ref_param.data = own.data
                 tied += 1
     return tied
+
+
+def layer_module_names(model: nn.Module, num_shared_layers: int, pattern: str | None = None) -> list[str]:
+    """Module paths of layers ``0..num_shared_layers-1`` (e.g. ``pretrained_model.transformer.h.0``)."""
+    pattern, _ = find_layer_pattern(model, pattern)
+    regex = _layer_regex(pattern)
+    paths: dict[int, str] = {}
+    for name, _ in model.named_parameters():
+        match = regex.search(name)
+        if match and int(match.group(1)) < num_shared_layers:
+            paths.setdefault(int(match.group(1)), name[: match.end() - 1].lstrip("."))
+    return [paths[layer] for layer in sorted(paths)]
