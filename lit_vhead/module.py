@@ -128,8 +128,10 @@ class PPOModule(L.LightningModule):
             full_kl = ppo.kl_penalty == "full"
             with self.reference.capture(self.policy):
                 policy_out = forward(self.policy, rollout, with_values=True, temperature=ppo.generation.temperature)
+            ref_tic = time.perf_counter()
             with self.reference.context():
                 ref_out = forward(self.reference.model, rollout, False, ppo.generation.temperature)
+            timings["time/ppo/reference_forward"] = time.perf_counter() - ref_tic
             rollout.logprobs, rollout.values, rollout.ref_logprobs = (
                 policy_out.logprobs, policy_out.values, ref_out.logprobs,
             )
