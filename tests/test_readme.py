@@ -73,7 +73,7 @@ def test_python_example_in_the_readme_runs(tmp_path):
 def inline_commands():
     """`python train.py ...` commands quoted inline in the README's prose (recipes)."""
     found = re.findall(r"`(python train\.py [^`]+)`", README)
-    return sorted({c for c in found if c not in train_commands()})
+    return sorted({c for c in found if c not in train_commands() and "..." not in c})
 
 
 @pytest.mark.parametrize("command", inline_commands())
