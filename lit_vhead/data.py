@@ -50,8 +50,11 @@ def load_prompts(path: str) -> list[str]:
     return lines
 
 
-class PPOStepSampler(Sampler[list[int]]):
-    """Yields one batch of prompt indices per epoch (= PPO step), drawn from (seed, epoch, rank)."""
+class PPOStepSampler(Sampler[int]):
+    """The prompt indices of one PPO step (= one epoch of one batch), drawn from (seed, epoch, rank).
+
+    Lightning calls ``set_epoch`` on a DataLoader's ``sampler`` before every epoch, so each PPO step gets its own draw.
+    """
 
     def __init__(self, num_prompts: int, batch_size: int, seed: int = 0, rank: int = 0) -> None:
         self.num_prompts, self.batch_size, self.seed, self.rank = num_prompts, batch_size, seed, rank
@@ -60,12 +63,12 @@ class PPOStepSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, self.rank))
-        yield torch.randint(self.num_prompts, (self.batch_size,), generator=generator).tolist()
+        yield from torch.randint(self.num_prompts, (self.batch_size,), generator=generator).tolist()
 
     def __len__(self) -> int:
-        return 1
+        return self.batch_size
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -115,7 +118,7 @@ class PromptDataModule(L.LightningDataModule):
             raise RuntimeError("PromptDataModule.attach_tokenizer(...) must be called before training.")
         rank = self.trainer.global_rank if self.trainer is not None else 0
         sampler = PPOStepSampler(len(self.query_ids), self.batch_size, self.seed, rank)
-        return DataLoader(self.query_ids, batch_sampler=sampler, collate_fn=self.collate)
+        return DataLoader(self.query_ids, sampler=sampler, batch_size=self.batch_size, collate_fn=self.collate)
 
 
 def pad_queries(queries: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:

@@ -280,3 +280,18 @@ def test_experiment_gpt2_imdb_on_local_stand_ins(tmp_path, byt5):
     rows = read_csv(tmp_path / "run")
     assert len(rows) == 2 and all(4 <= float(r["tokens/responses_len_mean"]) <= 16 for r in rows)
     assert metrics["objective/kl_coef"] != 0.2  # the adaptive controller moved
+
+
+def test_every_ppo_step_draws_its_own_prompts(tmp_path):
+    from lit_vhead.data import BUILTIN_PROMPTS
+
+    class Batches(L.Callback):
+        seen = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append(batch["query_ids"].tolist())
+
+    recorder = Batches()
+    fit_with(compose(FAST + ["ppo.steps=3"], tmp_path), [recorder])
+    assert len(recorder.seen) == 3 and len({str(b) for b in recorder.seen}) == 3
+    assert all(len(b) == 8 for b in recorder.seen) and len(BUILTIN_PROMPTS) > 8
