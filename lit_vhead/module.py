@@ -258,6 +258,7 @@ class PPOModule(L.LightningModule):
             }
         )
         metrics = self.stats.compute()
+        self.stats.reset()
         metrics["ppo/val/var_explained"] = 1 - metrics["ppo/val/error"] / max(metrics["ppo/returns/var"], 1e-8)
         metrics["env/reward_mean"] = float(masked_mean(raw_scores, ones, distributed=True))
         metrics["env/reward_std"] = float(masked_var(raw_scores, ones, distributed=True).sqrt())
