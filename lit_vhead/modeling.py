@@ -12,7 +12,6 @@ import inspect
 import os
 import tempfile
 import warnings
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -333,30 +332,28 @@ class PreTrainedModelWrapper(nn.Module):
             )
 
     # ---------------------------------------------------------------- running
-    @contextmanager
-    def _capture_last_hidden_state(self):
-        """Capture the decoder's last hidden state (what TRL read from ``hidden_states[-1]``) with a hook.
-
-        ``output_hidden_states=True`` would keep every layer's output alive; the hook keeps only the last one, which
-        the LM head reads anyway. It is removed on exit, so deep copies and pickles carry no hook.
-        """
-        captured: dict[str, torch.Tensor] = {}
-
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            captured["hidden"] = output[0]
-
-        handle = self.hf_model.get_decoder().register_forward_hook(hook)
-        try:
-            yield captured
-        finally:
-            handle.remove()
+    def _decoder(self) -> nn.Module:
+        """The module whose output is the last hidden state, looked up once (kept out of the module tree)."""
+        decoder = self.__dict__.get("_decoder_module")
+        if decoder is None:
+            decoder = self.__dict__["_decoder_module"] = self.hf_model.get_decoder()
+        return decoder
 
     def _base_forward(self, **kwargs: Any) -> tuple[Any, torch.Tensor]:
-        """Run the base model; return (its output, the last hidden state)."""
+        """Run the base model; return (its output, the decoder's last hidden state).
+
+        TRL read ``hidden_states[-1]`` with ``output_hidden_states=True``, which keeps every layer's output alive; a
+        hook on the decoder keeps only the last one, which the LM head reads anyway. The hook lives only during the
+        call, so deep copies and pickles carry none.
+        """
         kwargs["return_dict"] = True
-        with self._capture_last_hidden_state() as captured:
+        captured: list[torch.Tensor] = []
+        handle = self._decoder().register_forward_hook(lambda module, inputs, output: captured.append(output[0]))
+        try:
             output = self.pretrained_model(**kwargs)
-        return output, captured["hidden"]
+        finally:
+            handle.remove()
+        return output, captured[-1]
 
     def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``generate`` of the base model (token ids, no values)."""
