@@ -30,7 +30,8 @@ from lit_vhead.ppo import (
     ppo_loss,
 )
 
-ORACLE_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "trl-classic-ppo-vectors.json"
+# A copy of ../shared/data/trl-classic-ppo-vectors.json (TRL 0.11.4 oracle vectors), kept with the tests.
+ORACLE_PATH = Path(__file__).resolve().parent / "data" / "trl-classic-ppo-vectors.json"
 ORACLE = json.loads(ORACLE_PATH.read_text())
 PPO_CASES = ORACLE["ppo_cases"]
 CASE_IDS = [

@@ -175,3 +175,41 @@ def test_any_override_is_accepted_valid_or_rejected_naming_the_key(tmp_path, ove
         return
     assert ppo.batch_size % ppo.mini_batch_size == 0 and ppo.generation.max_new_tokens >= 1
     assert cfg.head.init in (None, "normal")
+
+
+def test_responses_that_end_at_once_train():
+    """A response whose first token is EOS has length 1 (the EOS is kept): the score lands there, nothing is NaN."""
+    from lit_vhead.ppo import compute_advantages, compute_rewards, ppo_loss
+    from lit_vhead.rollout import response_mask_from_eos
+
+    response = torch.tensor([[1, 0, 0, 0], [5, 6, 1, 0], [7, 8, 9, 10]])
+    mask = response_mask_from_eos(response, eos_token_id=1)
+    assert mask.tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+    logprobs, values = torch.randn(3, 4), torch.randn(3, 4)
+    rewards, _, _ = compute_rewards(torch.tensor([2.0, 0.0, 0.0]), logprobs, logprobs, mask.float(), 0.2)
+    assert rewards[0].tolist() == [2.0, 0.0, 0.0, 0.0]
+    values, advantages, returns = compute_advantages(values, rewards, mask.float(), 1.0, 0.95)
+    pg, vf, _ = ppo_loss(logprobs, values, logprobs, values, mask.float(), advantages, returns, 0.2, 0.2, 0.1)
+    assert torch.isfinite(pg) and torch.isfinite(vf)
+
+
+def test_one_token_responses_train_end_to_end(tmp_path):
+    metrics = train(compose(FAST + ["ppo.generation.max_new_tokens=1"], tmp_path))
+    assert metrics["tokens/responses_len_mean"] == 1.0 and all(map(lambda v: v == v, metrics.values()))
+
+
+def test_default_path_makes_no_network_connection(tmp_path, monkeypatch):
+    """Security: the default run (tiny model, byte tokenizer, CSV logger) opens no connection beyond loopback."""
+    import socket
+
+    connect = socket.socket.connect
+
+    def local_only(sock, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1") or "/" in host):
+            raise AssertionError(f"network connection attempted to {address}")
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", local_only)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert train(compose(FAST, tmp_path))["env/reward_mean"] > 0

@@ -295,3 +295,38 @@ def test_every_ppo_step_draws_its_own_prompts(tmp_path):
     fit_with(compose(FAST + ["ppo.steps=3"], tmp_path), [recorder])
     assert len(recorder.seen) == 3 and len({str(b) for b in recorder.seen}) == 3
     assert all(len(b) == 8 for b in recorder.seen) and len(BUILTIN_PROMPTS) > 8
+
+
+def test_peft_reference_can_be_a_named_frozen_adapter(tmp_path):
+    """trl#495/#536: with an SFT adapter, the reference is that frozen adapter, not the bare base."""
+    from peft import LoraConfig, get_peft_model
+
+    from lit_vhead.builders import build_policy
+
+    cfg = compose(FAST, tmp_path / "probe")
+    torch.manual_seed(1)
+    sft = get_peft_model(build_policy(cfg.model).pretrained_model, LoraConfig(r=4, target_modules=["c_attn"]))
+    for name, param in sft.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.5)  # a non-trivial "SFT" adapter
+    sft.save_pretrained(tmp_path / "sft")
+    capture = {}
+
+    class Keep(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            capture["module"] = pl_module
+
+    fit_with(compose(FAST + ["peft=lora", "peft.target_modules=[c_attn]", "ref=peft", "ref.adapter_name=sft",
+                             f"ref.adapter_path={tmp_path / 'sft' / 'default'}"], tmp_path / "run"), [Keep()])
+    module = capture["module"]
+    peft_model = module.policy.pretrained_model
+    assert set(peft_model.peft_config) == {"default", "sft"} and peft_model.active_adapter == "default"
+    assert not any(p.requires_grad for n, p in peft_model.named_parameters() if ".sft." in n)
+    ids = torch.randint(3, 259, (2, 6))
+    with torch.no_grad(), module.reference.context():
+        assert peft_model.active_adapter == "sft"
+        ref_logits = module.policy(ids)[0]
+    with torch.no_grad(), peft_model.disable_adapter():
+        base_logits = module.policy(ids)[0]
+    assert not torch.allclose(ref_logits, base_logits)  # the SFT adapter, not the bare base
+    assert peft_model.active_adapter == "default"
