@@ -21,6 +21,14 @@ class PPOStats(Metric):
         self.add_state("total", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros(0, dtype=torch.float64), dist_reduce_fx="sum")
 
+    def _apply(self, fn, exclude_state=()):
+        """Follow the module's device, but keep the sums in float64 (``bf16-true`` would convert them)."""
+        this = super()._apply(fn, exclude_state=("total", "count", *exclude_state))
+        device = fn(torch.zeros(1, device=self.total.device)).device
+        this.total, this.count = this.total.to(device), this.count.to(device)
+        this._defaults = {key: value.to(device) for key, value in this._defaults.items()}
+        return this
+
     def update(self, values: dict[str, torch.Tensor | float]) -> None:
         for name in values:
             self.index.setdefault(name, len(self.index))

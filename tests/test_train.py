@@ -317,7 +317,7 @@ def test_peft_reference_can_be_a_named_frozen_adapter(tmp_path):
             capture["module"] = pl_module
 
     fit_with(compose(FAST + ["peft=lora", "peft.target_modules=[c_attn]", "ref=peft", "ref.adapter_name=sft",
-                             f"ref.adapter_path={tmp_path / 'sft' / 'default'}"], tmp_path / "run"), [Keep()])
+                             f"ref.adapter_path={tmp_path / 'sft'}"], tmp_path / "run"), [Keep()])
     module = capture["module"]
     peft_model = module.policy.pretrained_model
     assert set(peft_model.peft_config) == {"default", "sft"} and peft_model.active_adapter == "default"
