@@ -27,7 +27,7 @@ class ModelNotFoundError(FileNotFoundError):
     """A checkpoint that is neither a local directory nor in the HF cache (and the hub cannot be reached)."""
 
 
-def _plain(node: Any) -> Any:
+def to_plain(node: Any) -> Any:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
@@ -83,8 +83,8 @@ def build_policy(
     peft_cfg: Any = None,
     reward_adapter: str | None = None,
 ):
-    """The value-head policy described by the config nodes (see ``configs/model``, ``configs/head``, ``configs/peft``)."""
-    model_cfg, head_cfg = _plain(model_cfg), _plain(head_cfg) or {}
+    """The value-head policy described by the ``model``, ``head`` and ``peft`` config nodes."""
+    model_cfg, head_cfg = to_plain(model_cfg), to_plain(head_cfg) or {}
     cls = value_head_class(model_cfg.get("kind", "causal"))
     init = head_cfg.get("init")
     head_kwargs = {

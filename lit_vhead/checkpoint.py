@@ -141,14 +141,3 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
 
-
-def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary name in the same directory, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -162,7 +162,7 @@ class PreTrainedModelWrapper(nn.Module):
             adapter_config = _fetch(path, ADAPTER_CONFIG, hub_kwargs) if PeftModel is not None else None
             if adapter_config is not None:
                 if peft_config is not None:
-                    warnings.warn(f"`peft_config` argument ignored since a peft config file was found in {path}")
+                    warnings.warn(f"`peft_config` ignored: a peft config file was found in {path}", stacklevel=2)
                 base_path = PeftConfig.from_pretrained(path, **hub_kwargs).base_model_name_or_path
                 base = cls.transformers_parent_class.from_pretrained(base_path, *model_args, **hf_kwargs)
                 base = PeftModel.from_pretrained(base, path, is_trainable=is_trainable, **hub_kwargs)
@@ -178,7 +178,7 @@ class PreTrainedModelWrapper(nn.Module):
         elif isinstance(pretrained_model_name_or_path, cls.supported_pretrained_model_architectures):
             base = pretrained_model_name_or_path
             if PeftModel is not None and isinstance(base, PeftModel) and peft_config is not None:
-                warnings.warn("`peft_config` argument ignored since the model is already a PeftModel.")
+                warnings.warn("`peft_config` argument ignored since the model is already a PeftModel.", stacklevel=2)
             else:
                 base = cls._maybe_add_peft(base, peft_config, kbit_kwargs)
         else:
@@ -234,7 +234,8 @@ class PreTrainedModelWrapper(nn.Module):
                 break
         if weights is None:
             raise ValueError(
-                f"Could not find adapter weights (adapter_model.safetensors or .bin) in '{adapter_model_id}'; make sure "
+                f"Could not find adapter weights (adapter_model.safetensors or .bin) in '{adapter_model_id}'; "
+                "make sure "
                 "you have the correct adapter model id or path."
             )
         score_state = read_tensors(weights, lambda key: any(f"{name}." in key for name in cls.supported_rm_modules))
@@ -477,7 +478,8 @@ class AutoModelForSeq2SeqLMWithValueHead(_ValueHeadModel):
 
     def forward(self, input_ids: torch.Tensor | None = None, past_key_values: Any = None, attention_mask=None,
                 return_past_key_values: bool = False, **kwargs: Any) -> tuple:
-        if kwargs.get("decoder_input_ids") is None and kwargs.get("labels") is None and "decoder_inputs_embeds" not in kwargs:
+        decoder_inputs = ("decoder_input_ids", "labels", "decoder_inputs_embeds")
+        if all(kwargs.get(k) is None for k in decoder_inputs):
             raise ValueError("A seq2seq forward needs `decoder_input_ids` (or `labels`) besides `input_ids`.")
         return super().forward(input_ids, past_key_values, attention_mask, return_past_key_values, **kwargs)
 

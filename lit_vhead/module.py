@@ -15,9 +15,9 @@ from typing import Any
 import lightning as L
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from lit_vhead.builders import build_policy
+from lit_vhead.builders import build_policy, to_plain
 from lit_vhead.config import PPOConfig
 from lit_vhead.data import step_seed
 from lit_vhead.metrics import PPOStats
@@ -40,10 +40,6 @@ def ppo_config(node: Any) -> PPOConfig:
         return node
     merged = OmegaConf.merge(OmegaConf.structured(PPOConfig), node or {})
     return OmegaConf.to_object(merged)
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def _world_mean(value: torch.Tensor) -> torch.Tensor:
@@ -73,7 +69,7 @@ class PPOModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.model_cfg, self.head_cfg, self.peft_cfg = _plain(model), _plain(head) or {}, peft
+        self.model_cfg, self.head_cfg, self.peft_cfg = to_plain(model), to_plain(head) or {}, peft
         self.ppo = ppo_config(ppo)
         self.ppo.validate()
         self.reward, self.tokenizer, self.seed = reward, tokenizer, seed
@@ -257,10 +253,11 @@ class PPOModule(L.LightningModule):
     def _log_step(self, rollout, raw_scores, scores, kl_per_sample, non_score_rewards, kl_coef, timings) -> None:
         mask = rollout.response_mask.float()
         ones = torch.ones_like(raw_scores)
+        log_ratio = rollout.ref_logprobs - rollout.logprobs
         self.stats.update(
             {
                 "objective/kl": kl_per_sample.mean(),
-                "objective/kl_k3": (torch.expm1(d := rollout.ref_logprobs - rollout.logprobs) - d).mul(mask).sum(1).mean(),
+                "objective/kl_k3": ((torch.expm1(log_ratio) - log_ratio) * mask).sum(1).mean(),
                 "objective/entropy": (-rollout.logprobs * mask).sum(1).mean(),
                 "objective/logprobs": masked_mean(rollout.logprobs, mask),
                 "objective/ref_logprobs": masked_mean(rollout.ref_logprobs, mask),
