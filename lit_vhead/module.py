@@ -73,7 +73,7 @@ class PPOModule(L.LightningModule):
         self.ppo = ppo_config(ppo)
         self.ppo.validate()
         self.reward, self.tokenizer, self.seed = reward, tokenizer, seed
-        self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=self.ppo.learning_rate)
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=self.ppo.learning_rate, fused=True)
         self.scheduler_factory = scheduler
         self.sample_table_every = sample_table_every
         self.policy = None
