@@ -154,8 +154,8 @@ class PPOModule(L.LightningModule):
     def _old_and_reference_logprobs(self, rollout: Rollout, timings: dict[str, float]) -> tuple:
         """Fill the rollout's log-probs, values and reference log-probs, in chunks of ``mini_batch_size``.
 
-        Chunks (TRL's forward batch size) keep the activations small, and were measured faster on CPU than one pass
-        over the whole batch. Returns the full log-prob distributions when ``kl_penalty=full`` needs them.
+        Chunks (TRL's forward batch size) bound the activations and logits held at once, whatever the rollout batch.
+        Returns the full log-prob distributions when ``kl_penalty=full`` needs them.
         """
         ppo, size = self.ppo, self.ppo.mini_batch_size
         parts: list[tuple] = []
