@@ -87,7 +87,7 @@ def run_one(config_name: str, mode: str, args: argparse.Namespace) -> dict:
         model = "tiny-gpt2" if config["model_type"] == "gpt2" else "tiny-llama"
         overrides = [f"++model.config.{k}={v}" for k, v in config.items() if k != "model_type"]
         cfg = compose([f"model={model}", f"model.tokenizer={tmp}/tok", *overrides,
-                       f"data.path={tmp}/prompts.txt", f"ppo.steps={args.steps}", f"ppo.batch_size={args.batch_size}",
+                       f"data.prompts={tmp}/prompts.txt", f"ppo.steps={args.steps}", f"ppo.batch_size={args.batch_size}",
                        f"ppo.mini_batch_size={args.batch_size}", "ppo.ppo_epochs=1",
                        f"ppo.generation.max_new_tokens={args.response_tokens}",
                        f"ppo.generation.min_new_tokens={args.response_tokens}", "logger=csv", "callbacks=none",

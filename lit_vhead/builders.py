@@ -1,4 +1,4 @@
-"""Build the tokenizer and the value-head policy from the ``model``/``head``/``peft`` config nodes.
+"""Turn what a user gives (a model object, a path, a ``configs/model`` mapping) into a value-head policy and tokenizer.
 
 A model either loads from ``name_or_path`` (a local dir, or a hub id already in the HF cache) or is built from
 ``config`` (a tiny random model: no download at all). ``tokenizer: byt5`` needs no files.
@@ -10,12 +10,16 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoTokenizer, ByT5Tokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, ByT5Tokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lit_vhead.modeling import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
+from lit_vhead.config import HeadConfig, as_head_config
+from lit_vhead.modeling import (
+    AutoModelForCausalLMWithValueHead,
+    AutoModelForSeq2SeqLMWithValueHead,
+    PreTrainedModelWrapper,
+)
 
 VALUE_HEAD_CLASSES = {
     "causal": AutoModelForCausalLMWithValueHead,
@@ -44,6 +48,12 @@ def check_model_source(model_cfg: Mapping) -> None:
         if not model_cfg.get("config"):
             raise ValueError("model.name_or_path is null and model.config is empty: give one of them.")
         return
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(
+            f"model.name_or_path must be a local directory or a hub id (a string), got {type(source).__name__}; "
+            "pass model objects to PPOModule(policy=...) directly."
+        )
+    source = os.fspath(source)
     if os.path.isdir(source):
         return
     if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not a hub id
@@ -60,6 +70,30 @@ def check_model_source(model_cfg: Mapping) -> None:
         )
 
 
+def model_config_of(model_cfg: Mapping):
+    """The transformers config of a ``configs/model`` mapping (read from disk or built), without building the model."""
+    model_cfg = to_plain(model_cfg)
+    if model_cfg.get("name_or_path"):
+        return AutoConfig.from_pretrained(
+            model_cfg["name_or_path"], trust_remote_code=bool(model_cfg.get("trust_remote_code"))
+        )
+    return AutoConfig.for_model(**model_cfg["config"])
+
+
+def check_tokenizer(tokenizer: Any) -> PreTrainedTokenizerBase:
+    """The tokenizer, or a clear error when it cannot serve PPO (not a tokenizer, or no pad token)."""
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise TypeError(
+            f"tokenizer must be a transformers tokenizer (PreTrainedTokenizerBase), got {type(tokenizer).__name__}."
+        )
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"The tokenizer ({type(tokenizer).__name__}) has no pad token; set one before building the module, "
+            "e.g. tokenizer.pad_token = tokenizer.eos_token (padding is masked out everywhere)."
+        )
+    return tokenizer
+
+
 def build_tokenizer(model_cfg: Mapping) -> PreTrainedTokenizerBase:
     """The tokenizer named by ``model.tokenizer`` (``byt5`` = byte-level, no files) or found at ``name_or_path``."""
     name = model_cfg.get("tokenizer") or model_cfg.get("name_or_path")
@@ -73,40 +107,65 @@ def build_tokenizer(model_cfg: Mapping) -> PreTrainedTokenizerBase:
                 f"The tokenizer of {name!r} has neither a pad nor an eos token; set one (tokenizer.pad_token=...)."
             )
         tokenizer.pad_token = tokenizer.eos_token  # the usual GPT-2 fix; padding is masked out everywhere
-    tokenizer.padding_side = "left" if model_cfg.get("kind", "causal") == "causal" else "right"
     return tokenizer
 
 
+def _peft_for(peft_config: Any, is_encoder_decoder: bool) -> Any:
+    """A PEFT config whose unset ``task_type`` follows the model (CAUSAL_LM or SEQ_2_SEQ_LM)."""
+    if peft_config is not None and getattr(peft_config, "task_type", "unset") is None:
+        peft_config.task_type = "SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM"
+    return peft_config
+
+
+def wrap_policy(
+    model: Any, head: HeadConfig | Mapping | None = None, peft_config: Any = None, reward_adapter: str | None = None
+) -> PreTrainedModelWrapper:
+    """A value-head policy from a model object: a value-head model as it is, or a transformers/PEFT model with a
+    value head added (and ``peft_config`` applied)."""
+    if isinstance(model, PreTrainedModelWrapper):
+        if peft_config is not None or reward_adapter is not None:
+            raise ValueError(
+                "policy is already a value-head model, so peft/reward-adapter settings cannot be applied here: build "
+                "it with AutoModelFor...WithValueHead.from_pretrained(model, peft_config=..., reward_adapter=...)."
+            )
+        return model
+    from peft import PeftModel
+
+    if not isinstance(model, (PreTrainedModel, PeftModel)):
+        raise TypeError(
+            "policy must be a value-head model (AutoModelForCausalLMWithValueHead, ...), a transformers model with "
+            "an LM head, a local checkpoint path or hub id, or a model config mapping; got "
+            f"{type(model).__name__}."
+        )
+    is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    cls = VALUE_HEAD_CLASSES["seq2seq" if is_encoder_decoder else "causal"]
+    extra = {"reward_adapter": reward_adapter} if reward_adapter else {}
+    peft_config = _peft_for(peft_config, is_encoder_decoder)
+    return cls.from_pretrained(model, peft_config=peft_config, **as_head_config(head).as_model_kwargs(), **extra)
+
+
 def build_policy(
-    model_cfg: Mapping,
-    head_cfg: Mapping | None = None,
-    peft_cfg: Any = None,
+    source: Mapping | str,
+    head: HeadConfig | Mapping | None = None,
+    peft_config: Any = None,
     reward_adapter: str | None = None,
-):
-    """The value-head policy described by the ``model``, ``head`` and ``peft`` config nodes."""
-    model_cfg, head_cfg = to_plain(model_cfg), to_plain(head_cfg) or {}
-    cls = value_head_class(model_cfg.get("kind", "causal"))
-    init = head_cfg.get("init")
-    head_kwargs = {
-        "v_head_init_strategy": getattr(init, "value", init),
-        "v_head_initializer_range": head_cfg.get("initializer_range", 0.2),
-        "summary_dropout_prob": head_cfg.get("dropout", 0.1),
-    }
-    peft_config = hydra.utils.instantiate(peft_cfg) if peft_cfg else None
+) -> PreTrainedModelWrapper:
+    """The value-head policy of a local path / hub id or of a ``configs/model`` mapping (``kind``, ``name_or_path``
+    or ``config``, ``dtype``, ``trust_remote_code``)."""
+    model_cfg = to_plain(source) if isinstance(source, (Mapping, DictConfig)) else {"name_or_path": source}
+    check_model_source(model_cfg)
+    config = model_config_of(model_cfg)
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    kind = model_cfg.get("kind") or ("seq2seq" if is_encoder_decoder else "causal")
+    cls = value_head_class(kind)
+    head_kwargs = as_head_config(head).as_model_kwargs()
+    peft_config = _peft_for(peft_config, kind == "seq2seq")
     dtype = model_cfg.get("dtype")
     hf_kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
     extra = {"reward_adapter": reward_adapter} if reward_adapter else {}
-    check_model_source(model_cfg)
-    source = model_cfg.get("name_or_path")
-    if source is not None:
+    if model_cfg.get("name_or_path") is not None:
         hf_kwargs["trust_remote_code"] = bool(model_cfg.get("trust_remote_code", False))
-        policy = cls.from_pretrained(source, peft_config=peft_config, **head_kwargs, **hf_kwargs, **extra)
-    else:
-        config = AutoConfig.for_model(**model_cfg["config"])
-        base = cls.transformers_parent_class.from_config(config, **hf_kwargs)
-        policy = cls.from_pretrained(base, peft_config=peft_config, **head_kwargs, **extra)
-    if model_cfg.get("gradient_checkpointing"):
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if policy.is_peft_model:
-            policy.enable_input_require_grads()
-    return policy
+        return cls.from_pretrained(model_cfg["name_or_path"], peft_config=peft_config, **head_kwargs, **hf_kwargs,
+                                   **extra)
+    base = cls.transformers_parent_class.from_config(config, **hf_kwargs)
+    return cls.from_pretrained(base, peft_config=peft_config, **head_kwargs, **extra)

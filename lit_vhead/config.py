@@ -1,13 +1,26 @@
-"""Typed schemas for the Hydra config groups whose values must be validated at the command line.
+"""``PPOConfig``: ONE configuration class for every way into PPO (CLI, ``PPOModule``, ``PPOTrainer``).
 
-Registered in Hydra's ConfigStore, so ``head.init=bogus`` or ``ppo.learning_rate=abc`` fail before anything runs, and
-unknown keys are rejected (configs are in struct mode).
+It takes TRL 0.11.4's ``PPOConfig`` field names and defaults, so a classic script migrates by changing its import:
+- the fields this project implements work;
+- fields with no meaning here (``optimize_cuda_cache``, ``compare_steps``, ...) are accepted and warn once;
+- an unknown field raises ``TypeError`` naming it and the closest known name.
+
+The same dataclass is Hydra's schema for the ``ppo`` config group (and ``HeadConfig`` for ``head``), registered in
+the ConfigStore, so ``ppo.learning_rate=abc`` or ``head.init=bogus`` fail at the command line and unknown keys are
+rejected.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+import functools
+import math
+import os
+import sys
+import warnings
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
@@ -19,7 +32,7 @@ class HeadInit(str, Enum):
 
 
 class KLPenalty(str, Enum):
-    """Per-token KL estimator used in the reward (and logged as ``objective/kl``)."""
+    """Per-token KL estimator used in the reward (and logged as ``objective/kl``). ``k3`` is an extension of TRL's."""
 
     kl = "kl"
     abs = "abs"
@@ -30,14 +43,28 @@ class KLPenalty(str, Enum):
 
 @dataclass
 class HeadConfig:
+    """The value head (``from_pretrained``'s ``v_head_*`` / ``summary_dropout_prob`` keyword arguments)."""
+
     init: HeadInit | None = None
     dropout: float = 0.1  # summary_dropout_prob; PPO runs with dropout off, this matters for other uses
     initializer_range: float = 0.2
 
+    def as_model_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``AutoModel*WithValueHead.from_pretrained`` that configure the head."""
+        init = self.init.value if isinstance(self.init, HeadInit) else self.init
+        return {
+            "v_head_init_strategy": init,
+            "v_head_initializer_range": self.initializer_range,
+            "summary_dropout_prob": self.dropout,
+        }
+
 
 @dataclass
 class GenerationConfig:
-    """Sampling settings of the rollouts (TRL's usual PPO settings: pure sampling, no top-k/top-p)."""
+    """Sampling settings of ``PPOModule``'s rollouts (TRL's usual PPO settings: pure sampling, no top-k/top-p).
+
+    ``PPOTrainer`` users pass generation keyword arguments to ``generate`` instead, as in TRL.
+    """
 
     max_new_tokens: int = 32
     min_new_tokens: int = 0  # set equal to max_new_tokens for fixed-length responses
@@ -48,61 +75,199 @@ class GenerationConfig:
     stop_at_eos: bool = True
 
 
+# Accepted for TRL compatibility, but nothing here reads them: setting one warns once per process.
+IGNORED_FIELDS = {
+    "optimize_cuda_cache": "CUDA cache handling is PyTorch's and Lightning's",
+    "optimize_device_cache": "device cache handling is PyTorch's and Lightning's",
+    "compare_steps": "push-to-hub-if-best is not implemented; save with save_pretrained",
+    "push_to_hub_if_best_kwargs": "push-to-hub-if-best is not implemented; save with save_pretrained",
+    "dataset_num_proc": "datasets are not preprocessed here",
+}
+_warned: set[str] = set()
+
+
 @dataclass
 class PPOConfig:
-    """TRL classic's PPO knobs with TRL 0.11.4's defaults, except where noted; ``steps`` counts PPO steps."""
+    """TRL classic's PPO settings, TRL 0.11.4's names and defaults (``steps`` counts PPO steps here).
 
-    steps: int = 100  # PPO steps (rollout + optimisation); TRL: `steps`
-    batch_size: int = 32  # prompts per PPO step and process (TRL default 128)
-    mini_batch_size: int = 8  # TRL default 128
-    gradient_accumulation_steps: int = 1
-    ppo_epochs: int = 4
+    Fields beyond TRL's: ``kl_penalty="k3"``, ``missing_eos_penalty`` (TRL PPOv2's: subtracted from the score of a
+    response that never produced EOS), and ``generation`` (``PPOModule``'s sampling settings).
+    """
+
+    exp_name: str = os.path.basename(sys.argv[0])[: -len(".py")]
+    seed: int = 0
+    log_with: str | None = None  # PPOTrainer: "wandb" | "tensorboard" | "csv"; PPOModule: the Trainer's loggers
+    task_name: str | None = None
+    model_name: str = "gpt2"
+    query_dataset: str = "stanfordnlp/imdb"
+    reward_model: str = "sentiment-analysis:lvwerra/distilbert-imdb"
+    remove_unused_columns: bool = True
+    tracker_kwargs: dict[str, Any] = field(default_factory=dict)
+    accelerator_kwargs: dict[str, Any] = field(default_factory=dict)
+    project_kwargs: dict[str, Any] = field(default_factory=dict)
+    tracker_project_name: str = "trl"
+    push_to_hub_if_best_kwargs: dict[str, Any] = field(default_factory=dict)
+    steps: int = 20000
     learning_rate: float = 1.41e-5
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
     adap_kl_ctrl: bool = True
     init_kl_coef: float = 0.2
     kl_penalty: KLPenalty = KLPenalty.kl
     target: float = 6.0
     horizon: float = 10000.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    batch_size: int = 128
+    forward_batch_size: int | None = None
+    mini_batch_size: int = 128
+    gradient_accumulation_steps: int = 1
+    world_size: int | None = None
+    ppo_epochs: int = 4
+    max_grad_norm: float | None = None
+    optimize_cuda_cache: bool | None = None
+    optimize_device_cache: bool = False
     early_stopping: bool = False
     target_kl: float = 1.0
+    compare_steps: int = 1
     ratio_threshold: float = 10.0
     use_score_scaling: bool = False
     use_score_norm: bool = False
     score_clip: float | None = None
     whiten_rewards: bool = False
-    max_grad_norm: float | None = None
+    gradient_checkpointing: bool = False
+    is_encoder_decoder: bool | None = None
+    is_peft_model: bool | None = None
+    backward_batch_size: int | None = None
+    global_backward_batch_size: int | None = None
+    global_batch_size: int | None = None
+    dataset_num_proc: int | None = None
+    missing_eos_penalty: float | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
-    def validate(self, world_size: int = 1) -> None:
-        """Raise a clear error for inconsistent sizes, before any model is built."""
-        backward_batch = self.mini_batch_size * self.gradient_accumulation_steps
+    def __post_init__(self) -> None:
+        if isinstance(self.generation, dict):
+            self.generation = GenerationConfig(**self.generation)
+        try:
+            self.kl_penalty = KLPenalty(getattr(self.kl_penalty, "value", self.kl_penalty))
+        except ValueError:
+            raise ValueError(
+                f"kl_penalty={self.kl_penalty!r} is not one of {[k.value for k in KLPenalty]}."
+            ) from None
+        if self.forward_batch_size is not None:  # TRL's deprecated alias, with TRL's behaviour
+            warnings.warn("forward_batch_size is deprecated: it sets mini_batch_size (as in TRL).", stacklevel=3)
+            self.mini_batch_size = self.forward_batch_size
+        for name, why in IGNORED_FIELDS.items():
+            if getattr(self, name) != _DEFAULTS[name] and name not in _warned:
+                _warned.add(name)
+                warnings.warn(f"PPOConfig.{name} is accepted for TRL compatibility and ignored: {why}.", stacklevel=3)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a clear error for inconsistent settings (called on construction; call again after editing)."""
         for name in ("steps", "batch_size", "mini_batch_size", "gradient_accumulation_steps", "ppo_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ppo.{name}={getattr(self, name)} must be >= 1.")
-        if self.batch_size % backward_batch:
+        self.backward_batch_size = self.mini_batch_size * self.gradient_accumulation_steps
+        if self.batch_size % self.backward_batch_size:
             raise ValueError(
                 f"ppo.batch_size={self.batch_size} is not divisible by ppo.mini_batch_size * "
                 f"ppo.gradient_accumulation_steps = {self.mini_batch_size} * {self.gradient_accumulation_steps}; "
-                f"pick a batch size that is a multiple of {backward_batch}."
+                f"pick a batch size that is a multiple of {self.backward_batch_size}."
             )
-        if self.generation.max_new_tokens < 1:
-            raise ValueError(f"ppo.generation.max_new_tokens={self.generation.max_new_tokens} must be >= 1.")
-        if self.generation.min_new_tokens > self.generation.max_new_tokens:
+        if self.log_with not in (None, "wandb", "tensorboard", "csv"):
+            raise ValueError(f"log_with={self.log_with!r} is not one of None, 'wandb', 'tensorboard', 'csv'.")
+        generation = self.generation
+        if generation.max_new_tokens < 1:
+            raise ValueError(f"ppo.generation.max_new_tokens={generation.max_new_tokens} must be >= 1.")
+        if generation.min_new_tokens > generation.max_new_tokens:
             raise ValueError(
-                f"ppo.generation.min_new_tokens={self.generation.min_new_tokens} exceeds max_new_tokens="
-                f"{self.generation.max_new_tokens}."
+                f"ppo.generation.min_new_tokens={generation.min_new_tokens} exceeds max_new_tokens="
+                f"{generation.max_new_tokens}."
             )
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("ppo.use_score_norm=true needs ppo.use_score_scaling=true (as in TRL).")
+        if self.adap_kl_ctrl and (self.target <= 0 or self.horizon <= 0):
+            raise ValueError(f"adap_kl_ctrl needs target > 0 and horizon > 0, got {self.target} and {self.horizon}.")
+
+    def set_world_size(self, world_size: int) -> None:
+        """Fill the runtime fields TRL fills when the trainer starts (``world_size``, ``global_*_batch_size``)."""
+        self.world_size = world_size
+        self.global_backward_batch_size = self.backward_batch_size * world_size
+        self.global_batch_size = self.batch_size * world_size
+
+    @property
+    def total_ppo_epochs(self) -> int:
+        """TRL's ``ceil(steps / batch_size)``, kept for scripts that read it."""
+        return int(math.ceil(self.steps / self.batch_size))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat ``{name: value}`` (nested settings as ``generation/max_new_tokens``), as TRL logs its config."""
+        flat: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, dict) and key == "generation":
+                flat.update({f"{key}/{k}": v for k, v in value.items()})
+            else:
+                flat[key] = value.value if isinstance(value, Enum) else value
+        return flat
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(PPOConfig))
+_DEFAULTS = {
+    f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+    for f in fields(PPOConfig)
+}
+_dataclass_init = PPOConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _checked_init(self: PPOConfig, *args: Any, **kwargs: Any) -> None:
+    unknown = [name for name in kwargs if name not in _FIELD_NAMES]
+    if unknown:
+        name = unknown[0]
+        close = difflib.get_close_matches(name, _FIELD_NAMES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(_FIELD_NAMES)}."
+        raise TypeError(f"PPOConfig got an unknown field {name!r}{hint}")
+    _dataclass_init(self, *args, **kwargs)
+
+
+PPOConfig.__init__ = _checked_init  # type: ignore[method-assign]
+
+
+def as_ppo_config(value: Any) -> PPOConfig:
+    """A ``PPOConfig`` from a ``PPOConfig``, a dict, a DictConfig or None (TRL's defaults)."""
+    if isinstance(value, PPOConfig):
+        value.validate()
+        return value
+    if value is None:
+        return PPOConfig()
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(value, DictConfig):  # resolved in place: `${seed}` refers to the root config
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return PPOConfig(**value)
+    raise TypeError(f"ppo must be a PPOConfig, a dict or None, got {type(value).__name__}.")
+
+
+def as_head_config(value: Any) -> HeadConfig:
+    """A ``HeadConfig`` from a ``HeadConfig``, a dict, a DictConfig or None (the defaults)."""
+    if isinstance(value, HeadConfig):
+        return value
+    if value is None:
+        return HeadConfig()
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(HeadConfig), value))
+    raise TypeError(f"head must be a HeadConfig, a dict or None, got {type(value).__name__}.")
 
 
 def register_configs() -> None:
-    """Make the schemas available to ``configs/`` (``defaults: [head_schema]`` etc.)."""
+    """Make the schemas available to ``configs/`` (``defaults: [ppo_schema]``; hidden from ``--help``)."""
     cs = ConfigStore.instance()
     cs.store(group="head", name="head_schema", node=HeadConfig)
     cs.store(group="ppo", name="ppo_schema", node=PPOConfig)

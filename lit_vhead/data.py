@@ -7,12 +7,14 @@ exactly the prompts the uninterrupted run would have drawn; each rank draws its 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 BUILTIN_PROMPTS = [
     "The movie was",
@@ -39,29 +41,64 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
 
 
-def load_prompts(path: str) -> list[str]:
+def load_prompts(path: str | os.PathLike) -> list[str]:
     """Prompts from a ``.txt`` (one per line) or ``.jsonl`` (``{"prompt": ...}`` per line) file."""
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"data.path={path!r}: no such file (expected .txt or .jsonl prompts).")
+        raise FileNotFoundError(f"prompts file {str(path)!r}: no such file (expected .txt or .jsonl prompts).")
     lines = [line for line in file.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ValueError(f"prompts file {str(path)!r} holds no prompts (it is empty or blank); one prompt per line.")
     if file.suffix == ".jsonl":
-        return [json.loads(line)["prompt"] for line in lines]
+        try:
+            return [json.loads(line)["prompt"] for line in lines]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"prompts file {str(path)!r}: every line must be a JSON object with a 'prompt' key "
+                             f"({type(err).__name__}: {err}).") from None
     return lines
 
 
-class PPOStepSampler(Sampler[int]):
-    """The prompt indices of one PPO step (= one epoch of one batch), drawn from (seed, epoch, rank).
+def _dataset_prompts(dataset: Any, text_column: str | None) -> list[str]:
+    """The prompt column of a ``datasets.Dataset``."""
+    columns = list(dataset.column_names)
+    column = text_column or next((c for c in ("prompt", "query", "text") if c in columns), None)
+    if column not in columns:
+        raise ValueError(
+            f"The dataset has no {text_column or 'prompt/query/text'!r} column (columns: {columns}); pass "
+            "text_column=<the column with the prompt text>."
+        )
+    return list(dataset[column])
 
-    Lightning calls ``set_epoch`` on a DataLoader's ``sampler`` before every epoch, so each PPO step gets its own draw.
+
+def as_prompts(prompts: Any, text_column: str | None = None) -> list[str]:
+    """A list of prompt strings from a list, a .txt/.jsonl path, a ``datasets.Dataset``, or None (built-ins)."""
+    if prompts is None:
+        return list(BUILTIN_PROMPTS)
+    if isinstance(prompts, (str, os.PathLike)):
+        return load_prompts(prompts)
+    if hasattr(prompts, "column_names"):
+        return _dataset_prompts(prompts, text_column)
+    if isinstance(prompts, Sequence) and all(isinstance(p, str) for p in prompts):
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts is an empty list; give at least one prompt.")
+        return prompts
+    raise TypeError(
+        "prompts must be a list of strings, a .txt/.jsonl path or a datasets.Dataset with a text column; got "
+        f"{type(prompts).__name__}."
+    )
+
+
+class PPOStepSampler(DistributedSampler):
+    """The prompt indices of one PPO step on one rank (= one epoch of one batch), drawn from (seed, epoch, rank).
+
+    Lightning calls ``set_epoch`` before every epoch, so each PPO step gets its own draw. It is a
+    ``DistributedSampler`` (each rank draws its own prompts), so Lightning does not wrap it in another.
     """
 
-    def __init__(self, num_prompts: int, batch_size: int, seed: int = 0, rank: int = 0) -> None:
+    def __init__(self, num_prompts: int, batch_size: int, seed: int = 0, rank: int = 0) -> None:  # noqa: D107
         self.num_prompts, self.batch_size, self.seed, self.rank = num_prompts, batch_size, seed, rank
         self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(step_seed(self.seed, self.epoch, self.rank))
@@ -72,50 +109,89 @@ class PPOStepSampler(Sampler[int]):
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Tokenised prompts, collated into padded ``query_ids``/``query_mask`` batches on the tokenizer's padding side."""
+    """The prompts of PPO's rollouts: one batch per PPO step, padded for the policy (left for causal models).
+
+    Args:
+        prompts: a list of strings, a ``.txt``/``.jsonl`` path, a ``datasets.Dataset`` (``text_column``), or None for
+            built-in short English prompts.
+        tokenizer: the policy's tokenizer; None uses the ``PPOModule``'s.
+        batch_size: prompts per PPO step and process; None follows ``ppo.batch_size``.
+        max_prompt_tokens: longer prompts are an error (also bounded by the model's context minus the response).
+        seed: None follows ``ppo.seed``.
+    """
 
     def __init__(
         self,
-        prompts: Sequence[str] | None = None,
-        path: str | None = None,
-        batch_size: int = 32,
+        prompts: Any = None,
+        tokenizer: Any = None,
+        batch_size: int | None = None,
         max_prompt_tokens: int = 64,
-        seed: int = 0,
+        seed: int | None = None,
+        text_column: str | None = None,
     ) -> None:
         super().__init__()
-        self.prompts = list(prompts) if prompts else (load_prompts(path) if path else list(BUILTIN_PROMPTS))
-        if not self.prompts or any(not p.strip() for p in self.prompts):
-            raise ValueError("data: the prompt list is empty or has an empty prompt; every prompt needs text.")
-        self.batch_size, self.max_prompt_tokens, self.seed = batch_size, max_prompt_tokens, seed
-        self.tokenizer = None
+        self.prompts = as_prompts(prompts, text_column)
+        for prompt in self.prompts:
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"prompts: {prompt!r} is not a non-empty string; every prompt needs text.")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1.")
+        self.tokenizer, self.batch_size, self.seed = tokenizer, batch_size, seed
+        self.max_prompt_tokens = max_prompt_tokens
+        self.padding_side = "left"
         self.query_ids: list[list[int]] = []
 
-    def attach_tokenizer(self, tokenizer, max_context: int | None = None) -> None:
-        """Tokenise the prompts now, so over-long or empty prompts fail before any model runs."""
+    def setup(self, stage: str) -> None:
+        self.prepare_for(self.trainer.lightning_module if self.trainer is not None else None)
+
+    def prepare_for(self, module: Any) -> None:
+        """Follow the PPO module (tokenizer, batch size, seed, padding side), then tokenise and check every prompt."""
+        ppo = getattr(module, "ppo", None)
+        if self.tokenizer is None:
+            self.tokenizer = getattr(module, "tokenizer", None)
+            if self.tokenizer is None:
+                raise ValueError("PromptDataModule needs a tokenizer: PromptDataModule(prompts, tokenizer).")
+        if ppo is not None:
+            if self.batch_size is not None and self.batch_size != ppo.batch_size:
+                raise ValueError(
+                    f"PromptDataModule(batch_size={self.batch_size}) disagrees with ppo.batch_size={ppo.batch_size}; "
+                    "leave batch_size unset to follow ppo.batch_size."
+                )
+            self.batch_size = ppo.batch_size
+            self.seed = ppo.seed if self.seed is None else self.seed
+        self.batch_size = self.batch_size or 32
+        self.seed = self.seed or 0
+        is_encoder_decoder = bool(getattr(module, "is_encoder_decoder", False))
+        self.padding_side = "right" if is_encoder_decoder else "left"
+        limit = getattr(module, "prompt_limit", lambda: None)()
+        self.tokenize(add_special_tokens=is_encoder_decoder, max_context=limit)
+
+    def tokenize(self, add_special_tokens: bool = False, max_context: int | None = None) -> None:
+        """Tokenise the prompts now, so over-long or empty prompts fail before any model runs.
+
+        Seq2seq encoders expect their special tokens (T5's eos); causal prompts get none (the response follows).
+        """
         if max_context is not None and max_context < 1:
             raise ValueError(
                 "ppo.generation.max_new_tokens leaves no room for a prompt in the model's context "
                 f"({max_context} tokens left); lower it."
             )
-        self.tokenizer = tokenizer
-        add_special = tokenizer.padding_side == "right"  # seq2seq encoders expect their eos; causal prompts don't
-        self.query_ids = [tokenizer(p, add_special_tokens=add_special)["input_ids"] for p in self.prompts]
+        limit = self.max_prompt_tokens if max_context is None else min(self.max_prompt_tokens, max_context)
+        self.query_ids = [self.tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in self.prompts]
         for prompt, ids in zip(self.prompts, self.query_ids):
             if not ids:
-                raise ValueError(f"data: the prompt {prompt!r} tokenises to nothing.")
-            limit = self.max_prompt_tokens if max_context is None else min(self.max_prompt_tokens, max_context)
+                raise ValueError(f"prompts: {prompt!r} tokenises to nothing.")
             if len(ids) > limit:
                 raise ValueError(
-                    f"data: the prompt {prompt[:40]!r}... has {len(ids)} tokens, more than the limit {limit} "
-                    "(data.max_prompt_tokens or the model's context minus the response length); shorten it."
+                    f"prompts: {prompt[:40]!r}... has {len(ids)} tokens, more than the limit {limit} "
+                    "(data.max_prompt_tokens, or the model's context minus ppo.generation.max_new_tokens); shorten "
+                    "it or raise the limit."
                 )
 
     def collate(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
-        return pad_queries(batch, self.tokenizer.pad_token_id, self.tokenizer.padding_side)
+        return pad_queries(batch, self.tokenizer.pad_token_id, self.padding_side)
 
     def train_dataloader(self) -> DataLoader:
-        if self.tokenizer is None:
-            raise RuntimeError("PromptDataModule.attach_tokenizer(...) must be called before training.")
         rank = self.trainer.global_rank if self.trainer is not None else 0
         sampler = PPOStepSampler(len(self.query_ids), self.batch_size, self.seed, rank)
         return DataLoader(self.query_ids, sampler=sampler, batch_size=self.batch_size, collate_fn=self.collate)

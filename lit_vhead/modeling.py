@@ -442,14 +442,22 @@ class _ValueHeadModel(PreTrainedModelWrapper):
             kwargs[self._cache_argument] = past_key_values
         if return_past_key_values:
             kwargs["use_cache"] = True
-        output, hidden = self._base_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        value = self.v_head(hidden).squeeze(-1)
-        value = mask_values(value, self._value_mask(attention_mask, kwargs, value))
+        output, value = self.forward_with_values(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         lm_logits = output.logits if output.logits.dtype == torch.float32 else output.logits.float()
         result = (lm_logits, output.loss, value)
         if not return_past_key_values:
             return result
         return (*result, output.get("cache", output.get("past_key_values")))
+
+    def forward_with_values(self, **model_inputs: Any) -> tuple[Any, torch.Tensor]:
+        """The base model's output (logits in the model's dtype) and the values ``[B, T]`` in the head's dtype.
+
+        The one forward path of the value-head models: ``forward`` (TRL's tuple) and PPO's log-prob/value passes both
+        run it. Values at padding positions are zero. ``logits_to_keep`` and other base-model arguments pass through.
+        """
+        output, hidden = self._base_forward(**model_inputs)
+        value = self.v_head(hidden).squeeze(-1)
+        return output, mask_values(value, self._value_mask(model_inputs.get("attention_mask"), model_inputs, value))
 
     def _value_mask(self, attention_mask: torch.Tensor | None, kwargs: dict, value: torch.Tensor):
         return attention_mask if attention_mask is not None and attention_mask.shape == value.shape else None

@@ -1,294 +1,252 @@
 """``PPOModule``: PPO for causal and seq2seq value-head models as a LightningModule (manual optimisation).
 
-One ``training_step`` is one PPO step (TRL classic's ``step``): rollout, scores, per-token KL rewards, GAE, then
-``ppo_epochs`` x minibatches of clipped policy + value loss. A PPO step is one Lightning epoch of one batch, so
-``max_epochs`` = PPO steps, checkpoints fall between PPO steps, and loggers' x-axis counts PPO steps.
+One ``training_step`` is one PPO step (TRL classic's ``step``): a rollout (:meth:`PPOModule.generate_rollout`), its
+scores (:meth:`PPOModule.score_rollout`), then the update of :class:`lit_vhead.ppo.core.PPOCore`, the same code that
+``lit_vhead.PPOTrainer.step`` runs. A PPO step is one Lightning epoch of one batch, so ``max_epochs`` = PPO steps,
+checkpoints fall between PPO steps, and loggers' x-axis counts PPO steps.
+
+Python users build it from objects::
+
+    module = PPOModule(policy, tokenizer, reward_fn, ppo=PPOConfig(steps=20, batch_size=16, mini_batch_size=4))
+    lightning.Trainer(accelerator="cpu").fit(module, datamodule=PromptDataModule(prompts, tokenizer))
+
+and ``python train.py`` builds it from the Hydra config through the same constructor.
 """
 
 from __future__ import annotations
 
-import functools
+import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
-import torch.distributed as dist
-from omegaconf import OmegaConf
 
-from lit_vhead.builders import build_policy, to_plain
-from lit_vhead.config import PPOConfig
-from lit_vhead.data import step_seed
-from lit_vhead.metrics import PPOStats
-from lit_vhead.ppo import (
-    RunningMoments,
-    compute_advantages,
-    compute_rewards,
-    make_kl_controller,
-    masked_mean,
-    masked_var,
-    ppo_loss,
+from lit_vhead.builders import (
+    build_policy,
+    check_model_source,
+    check_tokenizer,
+    model_config_of,
+    wrap_policy,
 )
-from lit_vhead.rewards import RewardInputs, RewardSource
-from lit_vhead.rollout import Rollout, forward, generate
+from lit_vhead.config import HeadConfig, PPOConfig, as_head_config, as_ppo_config
+from lit_vhead.data import step_seed
+from lit_vhead.modeling import PreTrainedModelWrapper
+from lit_vhead.ppo.core import Engine, PPOCore, default_optimizer
+from lit_vhead.reference import Reference, ReferenceConfig
+from lit_vhead.rewards import RewardInputs, RewardSource, as_reward_source
+from lit_vhead.rollout import Rollout, generate
 
-
-def ppo_config(node: Any) -> PPOConfig:
-    """A validated ``PPOConfig`` from a dataclass, a dict or a DictConfig."""
-    if isinstance(node, PPOConfig):
-        return node
-    merged = OmegaConf.merge(OmegaConf.structured(PPOConfig), node or {})
-    return OmegaConf.to_object(merged)
-
-
-def _world_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a scalar over all ranks."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
+# Lightning warns when max_epochs is unset; PPOModule then sets it to ppo.steps (see `setup`).
+warnings.filterwarnings("ignore", message="`max_epochs` was not set", module="lightning")
+_LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
+_LIGHTNING_DEFAULT_LOG_EVERY = 50
 
 
 class PPOModule(L.LightningModule):
-    """Trains a value-head policy with PPO. Needs a :class:`~lit_vhead.callbacks.ReferenceModelCallback`."""
+    """Trains a value-head policy with PPO under any ``lightning.Trainer``.
+
+    Args:
+        policy: a value-head model (``AutoModelFor{CausalLM,Seq2SeqLM}WithValueHead``), a plain transformers model
+            with an LM head (a value head is added, set by ``head``), a local checkpoint path or hub id in the HF
+            cache, or a model config mapping as in ``configs/model`` (built in ``configure_model``).
+        tokenizer: the policy's tokenizer (it needs a pad token).
+        reward: a function ``fn(prompts, responses, **kw) -> list[float] | Tensor`` (one score per sample), a
+            ``(sequence-classification model, tokenizer)`` pair, or a :class:`~lit_vhead.rewards.RewardSource`.
+        ppo: a :class:`~lit_vhead.config.PPOConfig`, a dict of its fields, or None (TRL 0.11.4's defaults).
+        head: value-head settings (``HeadConfig`` or dict) used when a value head is added here.
+        peft: a ``peft.PeftConfig`` applied to the policy when it is built or wrapped here.
+        ref: the reference (``ReferenceConfig``, or its mode ``"copy"``/``"shared"``/``"peft"``); None gives a frozen
+            copy, or the adapters-disabled base for a PEFT policy. A ``ReferenceModelCallback`` overrides it.
+        optimizer: ``fn(params) -> Optimizer``; default TRL's Adam at ``ppo.learning_rate``.
+        scheduler: ``fn(optimizer) -> LRScheduler``, stepped once per PPO step.
+        sample_table_every: log a table of prompts/responses/rewards every N PPO steps (0: never).
+    """
 
     def __init__(
         self,
-        model: Mapping,
-        reward: RewardSource,
+        policy: Any,
         tokenizer: Any,
-        ppo: Any = None,
-        head: Mapping | None = None,
+        reward: Any,
+        ppo: PPOConfig | Mapping | None = None,
+        head: HeadConfig | Mapping | None = None,
         peft: Any = None,
+        ref: ReferenceConfig | str | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
-        seed: int = 0,
         sample_table_every: int = 10,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.model_cfg, self.head_cfg, self.peft_cfg = to_plain(model), to_plain(head) or {}, peft
-        self.ppo = ppo_config(ppo)
-        self.ppo.validate()
-        self.reward, self.tokenizer, self.seed = reward, tokenizer, seed
-        self.optimizer_factory = optimizer or functools.partial(torch.optim.Adam, lr=self.ppo.learning_rate, fused=True)
+        self.ppo = as_ppo_config(ppo)
+        self.head = as_head_config(head)
+        self.tokenizer = check_tokenizer(tokenizer)
+        self.reward: RewardSource = as_reward_source(reward)
+        self.peft_config = peft
+        self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.sample_table_every = sample_table_every
-        self.policy = None
-        self.reference_builder: Callable | None = None  # set by ReferenceModelCallback.setup
+        self._reward_checked = False
+        if self.ppo.log_with is not None:
+            warnings.warn(
+                f"PPOConfig.log_with={self.ppo.log_with!r} is for PPOTrainer; PPOModule logs through the Trainer's "
+                "loggers (Trainer(logger=...)).",
+                stacklevel=2,
+            )
+        self.policy: PreTrainedModelWrapper | None = None
+        self.policy_source: Any = None  # a path or model config mapping, built in configure_model
+        if isinstance(policy, (str, os.PathLike, Mapping)):
+            self.policy_source = os.fspath(policy) if isinstance(policy, os.PathLike) else policy
+            spec = self.policy_source if isinstance(self.policy_source, Mapping) else {"name_or_path": policy}
+            check_model_source(spec)
+            self.model_config = model_config_of(spec)
+        else:
+            self.policy = wrap_policy(policy, self.head, peft, self._reward_adapter)
+            self.model_config = self.policy.config
+        self.is_encoder_decoder = bool(getattr(self.model_config, "is_encoder_decoder", False))
+        if isinstance(ref, str):
+            ref = ReferenceConfig(mode=ref)
+        self.ref: ReferenceConfig | None = ref
         self.__dict__["reference"] = None  # not a submodule: never in checkpoints, never wrapped by DDP
-        self.kl_ctl = make_kl_controller(
-            self.ppo.adap_kl_ctrl, self.ppo.init_kl_coef, self.ppo.target, self.ppo.horizon
-        )
-        self.score_moments = RunningMoments()
-        self.stats = PPOStats()
+        self.core = PPOCore(self.ppo)
+        self.stats = self.core.stats  # a child module, so it follows the device
+
+    @property
+    def _reward_adapter(self) -> str | None:
+        return getattr(self.reward, "adapter_path", None)
+
+    @property
+    def kl_ctl(self):
+        """The KL controller (its ``value`` is the current KL coefficient)."""
+        return self.core.kl_ctl
 
     # ------------------------------------------------------------------ set-up
-    def configure_model(self) -> None:
-        if self.policy is not None:
+    def setup(self, stage: str) -> None:
+        """Checks that need the Trainer, before any model is built: PPO-step budget, logging rate, reward shape."""
+        if stage != "fit":
             return
-        if self.reference_builder is None:
-            raise RuntimeError("PPOModule needs a ReferenceModelCallback in the Trainer's callbacks (configs/ref).")
-        self.policy = build_policy(
-            self.model_cfg, self.head_cfg, self.peft_cfg, getattr(self.reward, "adapter_path", None)
-        )
+        trainer = self.trainer
+        if trainer.max_steps != -1:
+            raise ValueError(
+                f"Trainer(max_steps={trainer.max_steps}) counts optimizer steps, and a PPO step takes several. Leave "
+                f"max_steps unset: the run takes ppo.steps={self.ppo.steps} PPO steps (or set max_epochs)."
+            )
+        if trainer.fit_loop.max_epochs == _LIGHTNING_DEFAULT_MAX_EPOCHS:  # not set by the user
+            trainer.fit_loop.max_epochs = self.ppo.steps
+        elif trainer.fit_loop.max_epochs != self.ppo.steps:
+            raise ValueError(
+                f"Trainer(max_epochs={trainer.fit_loop.max_epochs}) disagrees with ppo.steps={self.ppo.steps}: one "
+                "PPO step is one Lightning epoch. Leave max_epochs unset (the run takes ppo.steps PPO steps) or set "
+                "them equal."
+            )
+        if trainer.log_every_n_steps == _LIGHTNING_DEFAULT_LOG_EVERY:  # not chosen: log every PPO step
+            trainer.log_every_n_steps = 1
+        self.check_reward(getattr(trainer.datamodule, "prompts", None) or ["Hello", "World"])
+
+    def check_reward(self, prompts: list[str]) -> None:
+        """A dry run of the reward (prompts as stand-in responses): a wrong output shape fails before any rollout."""
+        if self._reward_checked:
+            return
+        prompts = list(prompts[:2])
+        self.reward.probe(prompts, [self.tokenizer(p)["input_ids"] for p in prompts])
+        self._reward_checked = True
+
+    def prompt_limit(self) -> int | None:
+        """How many prompt tokens fit in the model's context next to a full-length response (causal models)."""
+        if self.is_encoder_decoder:
+            return None
+        config = self.model_config
+        context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return None if context is None else context - self.ppo.generation.max_new_tokens
+
+    def configure_model(self) -> None:
+        """Build the policy (if given as a path or config) and the reference, before any checkpoint is restored."""
+        if self.reference is not None:
+            return
+        if self.policy is None:
+            self.policy = build_policy(self.policy_source, self.head, self.peft_config, self._reward_adapter)
+        if self.ppo.gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.policy.is_peft_model:
+                self.policy.enable_input_require_grads()
         self.policy.train()
-        self.__dict__["reference"] = self.reference_builder(self.policy)
+        ref = self.ref or ReferenceConfig(mode="peft" if self.policy.is_peft_model else "copy")
+        self.__dict__["reference"] = ref.build(self.policy)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        optimizer = (self.optimizer_factory or default_optimizer(self.ppo.learning_rate))(params)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_fit_start(self) -> None:
         self.policy.v_head.float()  # the head stays fp32 under bf16-true/16-true (values and losses are fp32)
+        self.reference.follow(self.policy)
         self.reward.setup(self.policy, self.tokenizer, self.device)
+
+    @property
+    def reference(self) -> Reference | None:
+        return self.__dict__["reference"]
 
     # ------------------------------------------------------------------ one PPO step
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        ppo, step = self.ppo, self.current_epoch
-        torch.manual_seed(step_seed(self.seed, step, self.global_rank))  # rollouts reproducible per (step, rank)
-        timings: dict[str, float] = {}
+        step = self.current_epoch
+        torch.manual_seed(step_seed(self.ppo.seed, step, self.global_rank))  # rollouts reproducible per (step, rank)
         start = time.perf_counter()
-        self.policy.eval()  # dropout off everywhere in PPO (TRL classic's forward passes and PPOv2 do the same)
-
-        rollout = generate(self.policy, batch, ppo.generation, self.tokenizer)
-        timings["time/ppo/generation"] = time.perf_counter() - start
-
-        tic = time.perf_counter()
-        full = self._old_and_reference_logprobs(rollout, timings)
-        timings["time/ppo/forward_pass"] = time.perf_counter() - tic
-
-        tic = time.perf_counter()
-        raw_scores = self._score(rollout)
-        scores = self._transform_scores(raw_scores)
-        mask = rollout.response_mask.float()
-        rewards, non_score_rewards, kls = compute_rewards(
-            scores, rollout.logprobs, rollout.ref_logprobs, mask, self.kl_ctl.value, ppo.kl_penalty.value, *full
+        rollout = self.generate_rollout(batch)
+        generation_time = time.perf_counter() - start
+        scores = self.score_rollout(rollout)
+        generator = torch.Generator().manual_seed(step_seed(self.ppo.seed, step, self.global_rank) + 1)
+        engine = Engine(
+            model=self.policy,
+            policy=self.policy,
+            reference=self.reference,
+            optimizer=self.optimizers(),
+            backward=self.manual_backward,
+            clip_gradients=lambda max_norm: self.clip_gradients(self.optimizers(), max_norm, "norm"),
+            order=lambda n: torch.randperm(n, generator=generator),
+            scheduler=self.lr_schedulers(),
+            temperature=self.ppo.generation.temperature,
         )
-        values, advantages, returns = compute_advantages(
-            rollout.values, rewards, mask, ppo.gamma, ppo.lam, ppo.whiten_rewards, distributed=True
-        )
-        rollout.values = values
-        timings["time/ppo/compute_rewards"] = time.perf_counter() - tic
+        output = self.core.step(engine, rollout, scores, self.tokenizer.eos_token_id, step)
+        metrics = output.stats
+        metrics["time/ppo/generation"] = generation_time
+        metrics["ppo/step"] = float(step)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(scores))
+        self.log("reward", metrics["env/reward_mean"], prog_bar=True, logger=False)
+        self.log("kl", metrics["objective/kl"], prog_bar=True, logger=False)
+        if self.sample_table_every and step % self.sample_table_every == 0:
+            self._log_samples(scores)
 
-        tic = time.perf_counter()
-        self._optimize(rollout, advantages, returns, step)
-        timings["time/ppo/optimize_step"] = time.perf_counter() - tic
+    def generate_rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
+        """Sample one response per prompt (``batch``: ``query_ids``/``query_mask``). Override for your own sampling."""
+        if not self.is_encoder_decoder and bool((batch["query_mask"][:, -1] == 0).any()):
+            raise ValueError(
+                "The prompt batch is right-padded (query_mask ends in 0); causal policies need left-padded prompts. "
+                "Use lit_vhead.PromptDataModule, or pad on the left in your collate function."
+            )
+        self.policy.eval()  # dropout off in rollouts
+        return generate(self.policy, batch, self.ppo.generation, self.tokenizer)
 
-        kl_per_sample = (kls * mask).sum(1)
-        mean_kl = _world_mean(kl_per_sample.mean())
-        kl_coef = self.kl_ctl.value
-        self.kl_ctl.update(mean_kl.item(), ppo.batch_size * self.trainer.world_size)
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
-        timings["time/ppo/total"] = time.perf_counter() - start
-        self._log_step(rollout, raw_scores, scores, kl_per_sample, non_score_rewards, kl_coef, timings)
-
-    @torch.no_grad()
-    def _old_and_reference_logprobs(self, rollout: Rollout, timings: dict[str, float]) -> tuple:
-        """Fill the rollout's log-probs, values and reference log-probs, in chunks of ``mini_batch_size``.
-
-        Chunks (TRL's forward batch size) bound the activations and logits held at once, whatever the rollout batch.
-        Returns the full log-prob distributions when ``kl_penalty=full`` needs them.
-        """
-        ppo, size = self.ppo, self.ppo.mini_batch_size
-        parts: list[tuple] = []
-        timings["time/ppo/reference_forward"] = 0.0
-        for begin in range(0, rollout.response_ids.shape[0], size):
-            chunk = rollout.select(slice(begin, begin + size))
-            with self.reference.capture(self.policy):
-                policy_out = forward(self.policy, chunk, with_values=True, temperature=ppo.generation.temperature)
-            tic = time.perf_counter()
-            with self.reference.context():
-                ref_out = forward(self.reference.model, chunk, False, ppo.generation.temperature)
-            timings["time/ppo/reference_forward"] += time.perf_counter() - tic
-            part = (policy_out.logprobs, policy_out.values, ref_out.logprobs)
-            if ppo.kl_penalty == "full":
-                part += (policy_out.logits.log_softmax(-1), ref_out.logits.log_softmax(-1))
-            parts.append(part)
-        columns = [torch.cat(column) for column in zip(*parts)]
-        rollout.logprobs, rollout.values, rollout.ref_logprobs = columns[:3]
-        return tuple(columns[3:]) or (None, None)
-
-    def _score(self, rollout: Rollout) -> torch.Tensor:
-        tok = self.tokenizer
-        mask = rollout.response_mask.bool()
-        query_ids = [q[m.bool()].tolist() for q, m in zip(rollout.query_ids, rollout.query_mask)]
-        response_ids = [r[m].tolist() for r, m in zip(rollout.response_ids, mask)]
-        input_ids, attention_mask = rollout.full_sequence()
-        inputs = RewardInputs(
-            prompts=tok.batch_decode(query_ids, skip_special_tokens=True),
-            responses=tok.batch_decode(response_ids, skip_special_tokens=True),
-            query_ids=query_ids,
-            response_ids=response_ids,
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-        )
+    def score_rollout(self, rollout: Rollout) -> torch.Tensor:
+        """One score per sample ([B] tensor). Override to score with your own environment; the default decodes the
+        prompts and responses and calls the ``reward`` source."""
+        inputs = reward_inputs(rollout, self.tokenizer)
         self._last_texts = (inputs.prompts, inputs.responses)
         return self.reward(inputs).to(self.device)
 
-    def _transform_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """TRL's optional running score scaling / normalisation and clipping (moments over all ranks)."""
-        ppo = self.ppo
-        if ppo.use_score_scaling:
-            self.score_moments.update(scores)
-            eps = torch.finfo(scores.dtype).eps
-            std = float(self.score_moments.std)
-            scale = (std if std == std else 1.0) + eps  # std is NaN until two scores were seen
-            if ppo.use_score_norm:
-                scores = (scores - float(self.score_moments.mean)) / scale
-            else:
-                scores = scores / scale
-        if ppo.score_clip is not None:
-            scores = scores.clamp(-ppo.score_clip, ppo.score_clip)
-        return scores
-
-    def _optimize(self, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor, step: int) -> None:
-        """``ppo_epochs`` passes of shuffled minibatches, one optimizer step per backward batch."""
-        ppo = self.ppo
-        optimizer = self.optimizers()
-        generator = torch.Generator().manual_seed(step_seed(self.seed, step, self.global_rank) + 1)
-        batch_size = rollout.response_ids.shape[0]
-        skipped = 0
-        for _ in range(ppo.ppo_epochs):
-            order = torch.randperm(batch_size, generator=generator).to(self.device)
-            stats = {}
-            for i, begin in enumerate(range(0, batch_size, ppo.mini_batch_size)):
-                index = order[begin : begin + ppo.mini_batch_size]
-                mini = rollout.select(index)
-                out = forward(self.policy, mini, with_values=True, temperature=ppo.generation.temperature)
-                pg_loss, vf_loss, stats = ppo_loss(
-                    mini.logprobs, mini.values, out.logprobs, out.values, mini.response_mask.float(),
-                    advantages[index], returns[index], ppo.cliprange, ppo.cliprange_value, ppo.vf_coef,
-                )
-                loss = pg_loss + vf_loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"The PPO loss is {loss.item()} at PPO step {step}: training stopped before the update; the "
-                        "last checkpoint is intact. Lower ppo.learning_rate, set ppo.max_grad_norm, or check the "
-                        "reward for extreme values."
-                    )
-                if stats["policy/ratio_mean"] > ppo.ratio_threshold:  # TRL: skip a batch whose ratio exploded
-                    loss = loss * 0.0
-                    skipped += 1
-                self.manual_backward(loss / ppo.gradient_accumulation_steps)
-                if (i + 1) % ppo.gradient_accumulation_steps == 0:
-                    if ppo.max_grad_norm is not None:
-                        self.clip_gradients(optimizer, ppo.max_grad_norm, "norm")
-                    optimizer.step()
-                    optimizer.zero_grad()
-                self.stats.update({f"ppo/{k}": v for k, v in stats.items()})
-            if ppo.early_stopping and _world_mean(stats["policy/policykl"]) > 1.5 * ppo.target_kl:
-                optimizer.zero_grad()
-                break
-        self.stats.update({"ppo/skipped_batches": float(skipped)})
-
     # ------------------------------------------------------------------ logging
-    def _log_step(self, rollout, raw_scores, scores, kl_per_sample, non_score_rewards, kl_coef, timings) -> None:
-        mask = rollout.response_mask.float()
-        ones = torch.ones_like(raw_scores)
-        log_ratio = rollout.ref_logprobs - rollout.logprobs
-        self.stats.update(
-            {
-                "objective/kl": kl_per_sample.mean(),
-                "objective/kl_k3": ((torch.expm1(log_ratio) - log_ratio) * mask).sum(1).mean(),
-                "objective/entropy": (-rollout.logprobs * mask).sum(1).mean(),
-                "objective/logprobs": masked_mean(rollout.logprobs, mask),
-                "objective/ref_logprobs": masked_mean(rollout.ref_logprobs, mask),
-                "ppo/mean_non_score_reward": (non_score_rewards * mask).sum(1).mean(),
-                "ppo/mean_scores": scores.mean(),
-                "tokens/queries_len_mean": rollout.query_mask.sum(1).float().mean(),
-                "tokens/responses_len_mean": mask.sum(1).mean(),
-                **timings,
-            }
-        )
-        metrics = self.stats.compute()
-        self.stats.reset()
-        metrics["ppo/val/var_explained"] = 1 - metrics["ppo/val/error"] / max(metrics["ppo/returns/var"], 1e-8)
-        metrics["env/reward_mean"] = float(masked_mean(raw_scores, ones, distributed=True))
-        metrics["env/reward_std"] = float(masked_var(raw_scores, ones, distributed=True).sqrt())
-        metrics["ppo/std_scores"] = float(masked_var(scores, ones, distributed=True).sqrt())
-        metrics["objective/kl_coef"] = kl_coef
-        metrics["ppo/learning_rate"] = self.optimizers().param_groups[0]["lr"]
-        metrics["ppo/step"] = float(self.current_epoch)
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(raw_scores))
-        self.log("reward", metrics["env/reward_mean"], prog_bar=True, logger=False)
-        self.log("kl", metrics["objective/kl"], prog_bar=True, logger=False)
-        if self.sample_table_every and self.current_epoch % self.sample_table_every == 0:
-            self._log_samples(raw_scores)
-
     def _log_samples(self, scores: torch.Tensor, rows: int = 8) -> None:
         """A table of prompts, responses and rewards (wandb's ``game_log``, as in TRL)."""
         from lightning.pytorch.loggers import WandbLogger
 
-        prompts, responses = self._last_texts
-        data = [[self.current_epoch, p, r, float(s)] for p, r, s in zip(prompts, responses, scores)][:rows]
+        texts = getattr(self, "_last_texts", None)
+        if texts is None:
+            return
+        data = [[self.current_epoch, p, r, float(s)] for p, r, s in zip(*texts, scores)][:rows]
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_table(key="game_log", columns=["step", "prompt", "response", "reward"], data=data)
@@ -296,10 +254,7 @@ class PPOModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep the PPO state that is not a weight: KL coefficient and running score moments."""
-        checkpoint["ppo_state"] = {
-            "kl_ctl": self.kl_ctl.state_dict(),
-            "score_moments": self.score_moments.state_dict(),
-        }
+        checkpoint["ppo_state"] = self.core.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("ppo_state")
@@ -313,5 +268,20 @@ class PPOModule(L.LightningModule):
                     f"The checkpoint was trained with another model or PEFT config: {key} is {tuple(value.shape)} "
                     f"in it but {here}. Resume with the same model.*/peft settings as the run that wrote it."
                 )
-        self.kl_ctl.load_state_dict(state["kl_ctl"])
-        self.score_moments.load_state_dict(state["score_moments"])
+        self.core.load_state_dict(state)
+
+
+def reward_inputs(rollout: Rollout, tokenizer: Any) -> RewardInputs:
+    """The rollout as text and token ids, as reward sources take it."""
+    query_ids = [q[m.bool()].tolist() for q, m in zip(rollout.query_ids, rollout.query_mask)]
+    response_ids = [r[m.bool()].tolist() for r, m in zip(rollout.response_ids, rollout.response_mask)]
+    input_ids, attention_mask = rollout.full_sequence()
+    return RewardInputs(
+        prompts=tokenizer.batch_decode(query_ids, skip_special_tokens=True),
+        responses=tokenizer.batch_decode(response_ids, skip_special_tokens=True),
+        query_ids=query_ids,
+        response_ids=response_ids,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+    )
+

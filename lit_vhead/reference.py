@@ -1,14 +1,26 @@
-"""``create_reference_model``: a frozen copy of the policy whose lower layers really share the policy's memory.
+"""PPO's frozen reference: ``create_reference_model`` and the ``Reference`` that computes reference log-probs.
 
+``create_reference_model`` makes a frozen copy of the policy whose lower layers really share the policy's memory.
 TRL's ``num_shared_layers`` froze the policy's lower layers but still deep-copied them (the reference was always full
 size), and a typo'd pattern froze the whole policy. Here the shared parameters are never copied (not even transiently),
 the inputs are validated before anything changes, and seq2seq models (T5, BART) have patterns too.
+
+``ReferenceConfig`` names how the reference is made (``configs/ref``):
+- ``copy``: a frozen full copy of the policy;
+- ``shared``: a frozen copy whose lower ``num_shared_layers`` layers are the policy's own (frozen) storage, and whose
+  forward starts from the policy's layer-k output (trunk reuse);
+- ``peft``: no second model: the policy with its adapters disabled, or a named frozen adapter.
+``Reference.from_model`` wraps a reference model the user built (TRL's ``ref_model``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -134,3 +146,132 @@ def layer_module_names(model: nn.Module, num_shared_layers: int, pattern: str | 
         if match and int(match.group(1)) < num_shared_layers:
             paths.setdefault(int(match.group(1)), name[: match.end() - 1].lstrip("."))
     return [paths[layer] for layer in sorted(paths)]
+
+
+REFERENCE_MODES = ("copy", "shared", "peft")
+
+
+@dataclass
+class Reference:
+    """What computes the reference log-probs: ``model`` (a value-head wrapper) run inside ``context()``.
+
+    Trunk reuse (``trunk``: the module paths of the shared layers 0..k-1): the policy's rollout forward, run inside
+    ``capture(policy)``, keeps the output of its layer k-1; the reference forward then skips its layers 0..k-1 and
+    starts from that output. The shared layers are the same frozen storage and see the same inputs, so the result is
+    exactly what a full reference forward gives, for k/L less work.
+    """
+
+    model: nn.Module
+    mode: str  # copy | shared | peft | model (a reference model the user passed)
+    adapter_name: str | None = None
+    trunk: tuple[str, ...] = ()
+    captured: Any = field(default=None, repr=False)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> Reference:
+        """A reference model built by the user (TRL's ``ref_model``), frozen and in eval mode."""
+        model.requires_grad_(False)
+        return cls(model.eval(), "model")
+
+    @contextlib.contextmanager
+    def capture(self, policy: nn.Module) -> Iterator[None]:
+        """Keep the output of the policy's last shared layer during the forward run inside this block."""
+        if not self.trunk:
+            yield
+            return
+
+        def keep(module: nn.Module, inputs: Any, output: Any) -> None:
+            self.captured = output
+
+        handle = policy.get_submodule(self.trunk[-1]).register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        """Run the reference forward inside this block (adapters switched, or the shared trunk skipped)."""
+        if self.trunk:
+            with self._skip_trunk():
+                yield
+            return
+        if self.mode != "peft":
+            yield
+            return
+        peft_model = self.model.pretrained_model
+        if self.adapter_name is None:
+            with peft_model.disable_adapter():
+                yield
+            return
+        previous = peft_model.active_adapter
+        peft_model.set_adapter(self.adapter_name)
+        try:
+            yield
+        finally:
+            peft_model.set_adapter(previous)
+
+    @contextlib.contextmanager
+    def _skip_trunk(self) -> Iterator[None]:
+        if self.captured is None:
+            raise RuntimeError("Trunk reuse: run the policy's forward inside `reference.capture(policy)` first.")
+        captured, self.captured = self.captured, None
+        layers = [self.model.get_submodule(path) for path in self.trunk]
+        for layer in layers:  # an instance attribute shadows the class's forward until deleted
+            layer.forward = lambda *args, **kwargs: captured
+        try:
+            yield
+        finally:
+            for layer in layers:
+                del layer.forward
+
+    def follow(self, policy: nn.Module) -> None:
+        """Move to the policy's device and dtype, then re-share the storage that the move un-shared."""
+        if self.mode == "peft":
+            return
+        self.model.to(device=policy.device, dtype=policy.dtype)
+        self.model.v_head.to(policy.v_head.summary.weight.dtype)
+        if self.mode == "shared":
+            tie_shared_parameters(self.model, policy)
+
+
+@dataclass
+class ReferenceConfig:
+    """How PPO's reference is made from the policy; validated on construction, before any model exists."""
+
+    mode: str = "copy"
+    num_shared_layers: int | None = None
+    pattern: str | None = None
+    adapter_name: str | None = None
+    adapter_path: str | None = None
+    reuse_trunk: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in REFERENCE_MODES:
+            raise ValueError(f"ref.mode={self.mode!r} is not one of {list(REFERENCE_MODES)}.")
+        if self.mode == "shared" and self.num_shared_layers is None:
+            raise ValueError("ref.mode=shared needs ref.num_shared_layers (how many lower layers to share).")
+        if self.mode != "shared" and self.num_shared_layers is not None:
+            raise ValueError(f"ref.num_shared_layers is only used with ref.mode=shared, not {self.mode!r}.")
+        if self.adapter_path is not None and self.adapter_name is None:
+            raise ValueError("ref.adapter_path needs ref.adapter_name (the name to load the reference adapter as).")
+
+    def validate(self, policy: nn.Module) -> None:
+        """Check the settings against the policy (or a meta-device skeleton of it) before anything is copied."""
+        if self.mode == "peft" and not getattr(policy, "is_peft_model", False):
+            raise ValueError("ref.mode=peft needs a PEFT policy: set peft=lora (or load an adapter checkpoint).")
+        if self.mode == "shared":
+            shared_parameter_names(policy, self.num_shared_layers, self.pattern)  # raises on a bad k or pattern
+
+    def build(self, policy: nn.Module) -> Reference:
+        """The reference of ``policy``, made from its current (pretrained, untrained) weights."""
+        self.validate(policy)
+        if self.mode == "peft":
+            if self.adapter_path is not None:
+                policy.pretrained_model.load_adapter(self.adapter_path, self.adapter_name, is_trainable=False)
+            return Reference(policy, "peft", self.adapter_name)
+        layers = self.num_shared_layers if self.mode == "shared" else None
+        reference = create_reference_model(policy, layers, self.pattern)
+        reuse = self.reuse_trunk and self.mode == "shared"
+        trunk = tuple(layer_module_names(policy, layers, self.pattern)) if reuse else ()
+        return Reference(reference, self.mode, trunk=trunk)

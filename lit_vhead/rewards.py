@@ -6,9 +6,11 @@ NaN or inf raises a ``RewardError`` naming the source.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -73,27 +75,39 @@ class RewardSource:
 
 
 class FunctionReward(RewardSource):
-    """Any function ``fn(prompts, responses, query_ids, response_ids) -> scores`` (a list or tensor of B floats)."""
+    """Any function ``fn(prompts, responses, **kw) -> scores`` (a list or tensor of B floats).
+
+    The keyword arguments ``query_ids`` and ``response_ids`` (token-id lists) are passed when ``fn`` accepts them
+    (by name or through ``**kwargs``).
+    """
 
     def __init__(self, fn: Callable, scale: float = 1.0) -> None:
         if not callable(fn):
-            raise ValueError(f"reward.fn must be callable, got {fn!r}.")
+            raise TypeError(f"reward must be callable, got {type(fn).__name__}: {fn!r}.")
         self.fn, self.scale = fn, scale
         inner = getattr(fn, "func", fn)  # a functools.partial from `_partial_: true`
         self.name = f"function {getattr(inner, '__module__', '?')}.{getattr(inner, '__qualname__', repr(inner))}"
+        self.extra_names = _accepted_keywords(fn, ("query_ids", "response_ids"))
 
     def compute(self, inputs: RewardInputs) -> object:
-        scores = self.fn(
-            prompts=inputs.prompts,
-            responses=inputs.responses,
-            query_ids=inputs.query_ids,
-            response_ids=inputs.response_ids,
-        )
+        extra = {name: getattr(inputs, name) for name in self.extra_names}
+        scores = self.fn(inputs.prompts, inputs.responses, **extra)
         return check_scores(scores, len(inputs.prompts), self.name) * self.scale
 
     def probe(self, prompts: list[str], query_ids: list[list[int]]) -> None:
         ids = torch.zeros(len(prompts), 1, dtype=torch.long)
         self(RewardInputs(prompts, list(prompts), query_ids, query_ids, ids, torch.ones_like(ids)))
+
+
+def _accepted_keywords(fn: Callable, names: Sequence[str]) -> tuple[str, ...]:
+    """Those of ``names`` that ``fn`` accepts as keyword arguments."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature: pass nothing extra
+        return ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return tuple(names)
+    return tuple(name for name in names if name in parameters)
 
 
 def even_token_fraction(
@@ -115,44 +129,60 @@ def character_fraction(
 
 
 class RewardModel(RewardSource):
-    """A sequence-classification checkpoint (a local dir or the HF cache) scoring prompt + response text.
+    """A sequence-classification model scoring prompt + response text: a checkpoint (a local dir or the HF cache,
+    ``name_or_path``) or a model object (``model``) with its ``tokenizer``.
 
     ``label_index`` picks the logit used as the score (e.g. the POSITIVE class of a sentiment classifier).
     """
 
     def __init__(
         self,
-        name_or_path: str,
+        name_or_path: str | None = None,
         label_index: int = 0,
         batch_size: int = 16,
         max_length: int = 512,
-        tokenizer: str | None = None,
+        tokenizer: Any = None,
+        model: Any = None,
     ) -> None:
         from lit_vhead.builders import check_model_source
 
-        check_model_source({"name_or_path": name_or_path})
+        if (name_or_path is None) == (model is None):
+            raise ValueError("RewardModel needs exactly one of name_or_path (a checkpoint) and model (an object).")
+        if model is not None:
+            from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+            if not isinstance(model, PreTrainedModel):
+                raise TypeError(f"reward model must be a transformers model, got {type(model).__name__}.")
+            if not isinstance(tokenizer, PreTrainedTokenizerBase):
+                raise TypeError(
+                    f"a reward model object needs its tokenizer object: reward=(model, tokenizer); got "
+                    f"{type(tokenizer).__name__}."
+                )
+            self.name = f"reward model {type(model).__name__}"
+        else:
+            check_model_source({"name_or_path": name_or_path})
+            self.name = f"reward model {name_or_path!r}"
         self.name_or_path, self.label_index, self.batch_size, self.max_length = (
             name_or_path, label_index, batch_size, max_length,
         )
-        self.tokenizer_name = tokenizer or name_or_path
-        self.name = f"reward model {name_or_path!r}"
-        self.model = self.tokenizer = None
+        self.model, self.tokenizer = model, tokenizer
 
     def setup(self, policy: torch.nn.Module, tokenizer, device: torch.device) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if self.model is None:
-            self.model = AutoModelForSequenceClassification.from_pretrained(self.name_or_path).eval()
-            self.model.requires_grad_(False)
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-            num_labels = self.model.config.num_labels
-            if not 0 <= self.label_index < num_labels:
-                raise ValueError(
-                    f"reward.label_index={self.label_index} is out of range for {self.name_or_path!r}, which has "
-                    f"{num_labels} labels ({self.model.config.id2label})."
-                )
+            self.model = AutoModelForSequenceClassification.from_pretrained(self.name_or_path)
+        if self.tokenizer is None or isinstance(self.tokenizer, str):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer or self.name_or_path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.eval().requires_grad_(False)
+        num_labels = self.model.config.num_labels
+        if not 0 <= self.label_index < num_labels:
+            raise ValueError(
+                f"reward.label_index={self.label_index} is out of range for {self.name}, which has "
+                f"{num_labels} labels ({self.model.config.id2label})."
+            )
         self.model.to(device)
 
     @torch.no_grad()
@@ -197,3 +227,24 @@ class RewardAdapter(RewardSource):
 
         scores = self.policy.compute_reward_score(inputs.input_ids, inputs.attention_mask)
         return gather_last(scores[..., self.label_index], inputs.attention_mask).float().cpu()
+
+
+def as_reward_source(reward: Any) -> RewardSource:
+    """A ``RewardSource`` from what a user passes: a source, a function, or a (classifier, tokenizer) pair."""
+    if isinstance(reward, RewardSource):
+        return reward
+    if isinstance(reward, (tuple, list)) and len(reward) == 2:
+        return RewardModel(model=reward[0], tokenizer=reward[1])
+    from transformers import PreTrainedModel
+
+    if isinstance(reward, PreTrainedModel):
+        raise TypeError(
+            f"reward is a {type(reward).__name__} without its tokenizer: pass reward=(model, tokenizer), or "
+            "RewardModel(model=model, tokenizer=tokenizer)."
+        )
+    if callable(reward):
+        return FunctionReward(reward)
+    raise TypeError(
+        "reward must be a function fn(prompts, responses, **kw) -> one float per sample, a (sequence-"
+        f"classification model, tokenizer) pair, or a lit_vhead.rewards.RewardSource; got {type(reward).__name__}."
+    )

@@ -102,21 +102,18 @@ def _model_inputs(rollout: Rollout) -> dict[str, torch.Tensor]:
 @dataclass
 class ForwardOutput:
     logprobs: torch.Tensor  # [B, T] log-prob of each response token
-    values: torch.Tensor | None  # [B, T] value of the state before each response token
+    values: torch.Tensor  # [B, T] value of the state before each response token
     logits: torch.Tensor  # [B, T, V] (temperature applied)
 
 
-def forward(model, rollout: Rollout, with_values: bool, temperature: float = 1.0) -> ForwardOutput:
-    """One pass of ``model`` (a value-head wrapper) over the rollout: response log-probs and, if asked, values."""
-    output, hidden = model._base_forward(**_model_inputs(rollout), use_cache=False)
+def forward(model, rollout: Rollout, temperature: float = 1.0) -> ForwardOutput:
+    """One pass of ``model`` (a value-head wrapper, or a wrapper of one) over the rollout's responses."""
+    output, values = model.forward_with_values(**_model_inputs(rollout), use_cache=False)
     logits = output.logits
     num_response = rollout.response_ids.shape[1]
     if not rollout.is_encoder_decoder:
         logits = logits[:, :-1]
-        hidden = hidden[:, -num_response - 1 : -1]
+        values = values[:, -num_response - 1 : -1]
     if temperature != 1.0:
         logits = logits / temperature
-    logprobs = logprobs_from_logits(logits, rollout.response_ids)
-    values = model.v_head(hidden).squeeze(-1).float() if with_values else None
-    return ForwardOutput(logprobs, values, logits)
-
+    return ForwardOutput(logprobs_from_logits(logits, rollout.response_ids), values.float(), logits)

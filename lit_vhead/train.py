@@ -17,11 +17,12 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from lit_vhead.builders import build_tokenizer, check_model_source, value_head_class
+from lit_vhead.builders import build_tokenizer, check_model_source, model_config_of, value_head_class
 from lit_vhead.checkpoint import CheckpointError
+from lit_vhead.config import as_ppo_config
 from lit_vhead.loggers import CSVLogger
-from lit_vhead.module import PPOModule, ppo_config
-from lit_vhead.reference import shared_parameter_names
+from lit_vhead.module import PPOModule
+from lit_vhead.reference import ReferenceConfig, shared_parameter_names
 from lit_vhead.sweep import fix_ddp_children_in_multirun
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
@@ -44,33 +45,13 @@ def _instantiate_dict(node: DictConfig | None) -> list[Any]:
     return [_instantiate(v) for v in node.values() if isinstance(v, DictConfig) and "_target_" in v]
 
 
-def _model_config(cfg: DictConfig):
-    """The transformers config of ``cfg.model`` (read from disk or built), without building the model."""
-    from transformers import AutoConfig
-
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    if model_cfg.get("name_or_path"):
-        return AutoConfig.from_pretrained(
-            model_cfg["name_or_path"], trust_remote_code=bool(model_cfg.get("trust_remote_code"))
-        )
-    return AutoConfig.for_model(**model_cfg["config"])
-
-
-def _check_reference(cfg: DictConfig, config, ref_callback) -> None:
+def _check_reference(model_cfg: dict, config, ref: ReferenceConfig) -> None:
     """Validate ``num_shared_layers``/``pattern`` on a meta-device copy of the architecture (no weights, no memory)."""
-    if ref_callback.mode != "shared":
+    if ref.mode != "shared":
         return
     with torch.device("meta"):
-        skeleton = value_head_class(cfg.model.get("kind", "causal")).transformers_parent_class.from_config(config)
-    shared_parameter_names(skeleton, ref_callback.num_shared_layers, ref_callback.pattern)
-
-
-def _prompt_limit(config, ppo) -> int | None:
-    """How many prompt tokens fit in the model's context next to a full-length response (causal models)."""
-    if getattr(config, "is_encoder_decoder", False):
-        return None
-    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    return None if context is None else context - ppo.generation.max_new_tokens
+        skeleton = value_head_class(model_cfg.get("kind", "causal")).transformers_parent_class.from_config(config)
+    shared_parameter_names(skeleton, ref.num_shared_layers, ref.pattern)
 
 
 def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -112,44 +93,42 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Run PPO as configured; returns the final metrics (``env/reward_mean``, ``objective/kl``, ...)."""
     output_dir = Path(cfg.paths.output_dir)
     ckpt_path = _resolve_ckpt_path(cfg, output_dir)
-    ppo = ppo_config(cfg.ppo)
-    ppo.validate()
-    check_model_source(OmegaConf.to_container(cfg.model, resolve=True))
-    ref_callback = _instantiate(cfg.ref)
-    if "stage_3" in str(cfg.trainer.get("strategy")) and ref_callback.mode != "peft":
+    ppo = as_ppo_config(cfg.ppo)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    check_model_source(model_cfg)
+    ref = _instantiate(cfg.ref)
+    if "stage_3" in str(cfg.trainer.get("strategy")) and ref.mode != "peft":
         raise ValueError(
-            f"ref.mode={ref_callback.mode} cannot be built under DeepSpeed ZeRO-3 (the policy's weights are sharded); "
+            f"ref.mode={ref.mode} cannot be built under DeepSpeed ZeRO-3 (the policy's weights are sharded); "
             "use ref=peft with peft=lora, or trainer=deepspeed (ZeRO-2)."
         )
-    config = _model_config(cfg)
-    _check_reference(cfg, config, ref_callback)
-    reward = _instantiate(cfg.reward)
-    tokenizer = build_tokenizer(OmegaConf.to_container(cfg.model, resolve=True))
-    datamodule = _instantiate(cfg.data)
-    datamodule.attach_tokenizer(tokenizer, max_context=_prompt_limit(config, ppo))
-    reward.probe(datamodule.prompts[:2], datamodule.query_ids[:2])
+    _check_reference(model_cfg, model_config_of(model_cfg), ref)
+    tokenizer = build_tokenizer(model_cfg)
+    module = PPOModule(
+        policy=model_cfg,
+        tokenizer=tokenizer,
+        reward=_instantiate(cfg.reward),
+        ppo=ppo,
+        head=cfg.head,
+        peft=_instantiate(cfg.peft) if cfg.peft else None,
+        ref=ref,
+        optimizer=_instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
+        scheduler=_instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        sample_table_every=cfg.sample_table_every,
+    )
+    datamodule = _instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule.prepare_for(module)  # over-long or empty prompts fail here, before any model is built
+    module.check_reward(datamodule.prompts)
 
     fix_ddp_children_in_multirun()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = PPOModule(
-        model=cfg.model,
-        reward=reward,
-        tokenizer=tokenizer,
-        ppo=ppo,
-        head=cfg.head,
-        peft=cfg.peft or None,
-        optimizer=_instantiate(cfg.optimizer),
-        scheduler=_instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        seed=cfg.seed,
-        sample_table_every=cfg.sample_table_every,
-    )
     loggers = _instantiate_dict(cfg.get("logger"))
     if ckpt_path is not None:
         resume_step = _read_checkpoint(ckpt_path)["epoch"] + 1
         for logger in loggers:
             if isinstance(logger, CSVLogger):
                 logger.keep_before_step = resume_step
-    callbacks = [ref_callback, *_instantiate_dict(cfg.get("callbacks"))]
+    callbacks = _instantiate_dict(cfg.get("callbacks"))
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 from test_train import read_csv, run_cli
 
-from lit_vhead.module import ppo_config
+from lit_vhead.config import as_ppo_config
 from lit_vhead.train import train
 
 RESUME_ARGS = ["ppo.steps=8", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.generation.max_new_tokens=8",
@@ -144,7 +144,7 @@ def test_empty_and_overlong_prompts_fail_before_training(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\n" + "x" * 300 + "\n")
     with pytest.raises(ValueError, match="more than the limit"):
-        train(compose(FAST + [f"data.path={prompts}", "data.max_prompt_tokens=1000"], tmp_path / "a"))
+        train(compose(FAST + [f"data.prompts={prompts}", "data.max_prompt_tokens=1000"], tmp_path / "a"))
     with pytest.raises(ValueError, match="empty"):
         train(compose(FAST + ["data.prompts=['hello','  ']"], tmp_path / "b"))
 
@@ -167,8 +167,7 @@ def test_any_override_is_accepted_valid_or_rejected_naming_the_key(tmp_path, ove
     args = [f"{k}={v}" for k, v in overrides.items()]
     try:
         cfg = compose(args, tmp_path)
-        ppo = ppo_config(cfg.ppo)
-        ppo.validate()
+        ppo = as_ppo_config(cfg.ppo)
     except (ConfigCompositionException, OmegaConfBaseException, ValueError) as err:
         text = str(err) + str(err.__cause__ or "")
         assert any(k.split(".")[-1] in text or str(v) in text for k, v in overrides.items()), text
