@@ -14,6 +14,7 @@ from lit_vhead.value_head import ValueHead, gather_last, mask_values
 
 _LAZY = {
     "PPOModule": "lit_vhead.module",
+    "PPOTrainer": "lit_vhead.trainer",
     "PromptDataModule": "lit_vhead.data",
     "ReferenceModelCallback": "lit_vhead.callbacks",
     "RewardSource": "lit_vhead.rewards",
@@ -34,6 +35,7 @@ __all__ = [
     "LAYER_PATTERNS",
     "PPOConfig",
     "PPOModule",
+    "PPOTrainer",
     "PreTrainedModelWrapper",
     "PromptDataModule",
     "ReferenceConfig",

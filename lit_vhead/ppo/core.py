@@ -78,6 +78,7 @@ class StepOutput:
     scores: torch.Tensor  # [B] after scaling/clipping
     kls: torch.Tensor  # [B, T] per-token KL (the configured estimator)
     advantages: torch.Tensor  # [B, T]
+    ratios: torch.Tensor  # [N] π/π_old at every response token of every minibatch update (TRL's ratio histogram)
 
 
 class PPOCore:
@@ -122,7 +123,7 @@ class PPOCore:
         timings["time/ppo/compute_advantages"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        self._optimize(engine, rollout, advantages, returns, step_index)
+        ratios = self._optimize(engine, rollout, advantages, returns, step_index)
         timings["time/ppo/optimize_step"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -143,7 +144,7 @@ class PPOCore:
         timings["time/ppo/calc_stats"] = time.perf_counter() - tic
         timings["time/ppo/total"] = time.perf_counter() - start
         stats.update(timings)
-        return StepOutput(stats, rollout, scores, kls, advantages)
+        return StepOutput(stats, rollout, scores, kls, advantages, ratios)
 
     def transform_scores(self, scores: torch.Tensor, rollout: Rollout, eos_token_id: int | None) -> torch.Tensor:
         """PPOv2's ``missing_eos_penalty``, then TRL's running score scaling/normalisation and clipping."""
@@ -192,11 +193,13 @@ class PPOCore:
         return tuple(columns[3:]) or (None, None)
 
     def _optimize(self, engine: Engine, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
-                  step_index: int) -> None:
-        """``ppo_epochs`` passes of shuffled minibatches, one optimizer step per backward batch (TRL's loop)."""
+                  step_index: int) -> torch.Tensor:
+        """``ppo_epochs`` passes of shuffled minibatches, one optimizer step per backward batch (TRL's loop).
+
+        Returns the probability ratios seen at the response tokens of every minibatch (for TRL's histogram)."""
         ppo, optimizer = self.config, engine.optimizer
         batch_size = rollout.response_ids.shape[0]
-        skipped = 0
+        skipped, ratios = 0, []
         for _ in range(ppo.ppo_epochs):
             order = torch.as_tensor(engine.order(batch_size), device=rollout.response_ids.device)
             stats = {}
@@ -211,6 +214,7 @@ class PPOCore:
                     advantages[index], returns[index], ppo.cliprange, ppo.cliprange_value, ppo.vf_coef, entropy,
                 )
                 loss = pg_loss + vf_loss
+                ratios.append((out.logprobs.detach() - mini.logprobs).exp()[mini.response_mask.bool()])
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"The PPO loss is {loss.item()} at PPO step {step_index}: training stopped before the "
@@ -238,6 +242,7 @@ class PPOCore:
                 optimizer.zero_grad()
                 break
         self.stats.update({"ppo/skipped_batches": float(skipped)})
+        return torch.cat(ratios)
 
     def _statistics(self, engine: Engine, rollout: Rollout, raw_scores: torch.Tensor, scores: torch.Tensor,
                     kl_per_sample: torch.Tensor, non_score_rewards: torch.Tensor, kl_coef: float) -> dict[str, float]:
