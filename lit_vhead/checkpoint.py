@@ -25,8 +25,12 @@ SAFE_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
+# Where a PEFT save puts a base model that cannot be found again from what the adapters record.
+BASE_MODEL_DIR = "base_model"
 # Files a save writes; a re-save replaces them, and everything else in the directory (a tokenizer...) is kept.
-WEIGHT_FILE_PREFIXES = ("model", "pytorch_model", "adapter_model", "adapter_config", "config.json", "generation_config")
+WEIGHT_FILE_PREFIXES = (
+    "model", "pytorch_model", "adapter_model", "adapter_config", "config.json", "generation_config", BASE_MODEL_DIR,
+)
 
 
 class CheckpointError(ValueError):
@@ -80,6 +84,21 @@ def _fetch(name_or_path: str, filename: str, hub_kwargs: dict) -> str | None:
         return None
 
 
+def is_findable_offline(name_or_path: str | None) -> bool:
+    """Whether ``from_pretrained(name_or_path)`` can find a model without the network: a local dir, or a hub id whose
+    files are in the HF cache. None (a model built from a config) is found nowhere."""
+    if not name_or_path:
+        return False
+    if os.path.isdir(name_or_path):
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name_or_path, "config.json"), str)
+    except ValueError:  # not a valid repo id either
+        return False
+
+
 def load_value_head_state(name_or_path: str, hub_kwargs: dict | None = None) -> dict[str, torch.Tensor] | None:
     """The ``v_head.*`` tensors (prefix stripped) saved with a checkpoint, or None when it has none.
 
@@ -115,18 +134,36 @@ def _is_weight_file(name: str) -> bool:
     return name.startswith(WEIGHT_FILE_PREFIXES)
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(root: Path) -> None:
+    """Give ``root`` and everything under it the modes of ordinary new files (0755 dirs, 0644 files under umask 022):
+    ``mkdtemp``/``mkstemp`` (ours, and those libraries use for atomic writes) create them private (0700/0600)."""
+    umask = _current_umask()
+    os.chmod(root, 0o777 & ~umask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
     """Yield a temporary sibling directory to write into; on success it replaces ``target``.
 
     Files already in ``target`` that the new save does not write (a tokenizer, notes) are kept; old weight files are
-    dropped so no stale shard survives. If the body raises, ``target`` is left exactly as it was.
+    dropped so no stale shard survives. If the body raises, ``target`` is left exactly as it was. What the body
+    writes follows the umask, like any other file the user writes.
     """
     target = Path(target).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield str(tmp)
+        _follow_umask(tmp)
         if target.is_dir():
             for old in target.iterdir():
                 if not _is_weight_file(old.name) and not (tmp / old.name).exists():

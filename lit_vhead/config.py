@@ -24,30 +24,28 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-
-class HeadInit(str, Enum):
-    """``v_head_init_strategy``: ``null`` keeps ``nn.Linear``'s init, ``normal`` draws N(0, initializer_range)."""
-
-    normal = "normal"
+from lit_vhead.ppo.functional import KL_PENALTY_KINDS
+from lit_vhead.value_head import DEFAULT_INITIALIZER_RANGE, INIT_STRATEGIES
 
 
-class KLPenalty(str, Enum):
-    """Per-token KL estimator used in the reward (and logged as ``objective/kl``). ``k3`` is an extension of TRL's."""
-
-    kl = "kl"
-    abs = "abs"
-    mse = "mse"
-    full = "full"
-    k3 = "k3"
+# The choices come from the code that implements them (one source each); the enums let Hydra reject a bad value.
+HeadInit = Enum("HeadInit", {name: name for name in INIT_STRATEGIES if name is not None}, type=str)
+HeadInit.__doc__ = "``v_head_init_strategy``: ``null`` keeps ``nn.Linear``'s init, ``normal`` draws N(0, range)."
+KLPenalty = Enum("KLPenalty", {name: name for name in KL_PENALTY_KINDS}, type=str)
+KLPenalty.__doc__ = "Per-token KL estimator used in the reward (and logged as ``objective/kl``); see ``kl_penalty``."
 
 
 @dataclass
 class HeadConfig:
-    """The value head (``from_pretrained``'s ``v_head_*`` / ``summary_dropout_prob`` keyword arguments)."""
+    """The value head (``from_pretrained``'s ``v_head_*`` / ``summary_dropout_prob`` keyword arguments).
+
+    The defaults are the model classes' own (``lit_vhead.value_head``): ``dropout`` None takes the model config's
+    ``summary_dropout_prob``, else 0.1 (PPO runs with dropout off; it matters for other uses).
+    """
 
     init: HeadInit | None = None
-    dropout: float = 0.1  # summary_dropout_prob; PPO runs with dropout off, this matters for other uses
-    initializer_range: float = 0.2
+    dropout: float | None = None
+    initializer_range: float = DEFAULT_INITIALIZER_RANGE
 
     def as_model_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``AutoModel*WithValueHead.from_pretrained`` that configure the head."""
@@ -91,7 +89,10 @@ class PPOConfig:
     """TRL classic's PPO settings, TRL 0.11.4's names and defaults (``steps`` counts PPO steps here).
 
     Fields beyond TRL's: ``kl_penalty="k3"``, ``missing_eos_penalty`` (TRL PPOv2's: subtracted from the score of a
-    response that never produced EOS), and ``generation`` (``PPOModule``'s sampling settings).
+    response that never produced EOS), ``generation`` (``PPOModule``'s sampling settings), and two speed settings:
+    ``cpu_kernels`` (fp32 CPU passes through oneDNN GEMMs and a fused tanh-GELU, glibc keeps freed memory; results
+    differ from the plain kernels by float rounding only, see ``lit_vhead.kernels``) and ``compile``
+    (``torch.compile`` the policy's forward/backward; pays off after a few PPO steps, see ``bench/ppo_step.py``).
     """
 
     exp_name: str = os.path.basename(sys.argv[0])[: -len(".py")]
@@ -145,6 +146,8 @@ class PPOConfig:
     dataset_num_proc: int | None = None
     missing_eos_penalty: float | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    cpu_kernels: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.generation, dict):
@@ -267,10 +270,11 @@ def as_head_config(value: Any) -> HeadConfig:
 
 
 def register_configs() -> None:
-    """Make the schemas available to ``configs/`` (``defaults: [ppo_schema]``; hidden from ``--help``)."""
+    """Make the schemas available to ``configs/`` (``defaults: [/ppo_schema@_here_]``). They are stored outside any
+    config group, so ``--help`` does not offer them as options of the ``head`` and ``ppo`` groups."""
     cs = ConfigStore.instance()
-    cs.store(group="head", name="head_schema", node=HeadConfig)
-    cs.store(group="ppo", name="ppo_schema", node=PPOConfig)
+    cs.store(name="head_schema", node=HeadConfig)
+    cs.store(name="ppo_schema", node=PPOConfig)
 
 
 register_configs()

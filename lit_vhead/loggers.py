@@ -1,11 +1,14 @@
-"""A CSV logger that survives resume: Lightning's deletes an existing ``metrics.csv`` when a run restarts."""
+"""Loggers without surprises: a CSV logger that survives resume (Lightning's deletes an existing ``metrics.csv`` and
+says so), and a wandb logger without wandb's console noise."""
 
 from __future__ import annotations
 
 import csv
 import os
+import warnings
 
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
+from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
@@ -32,7 +35,9 @@ class CSVLogger(_CSVLogger):
                 reader = csv.DictReader(f)
                 keys = list(reader.fieldnames or [])
                 rows = [r for r in reader if self._keep(r)]
-        experiment = super().experiment  # Lightning's writer removes the file here
+        with warnings.catch_warnings():  # "Previous log files ... will be deleted": not here, they are written back
+            warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted")
+            experiment = super().experiment  # Lightning's writer removes the file here
         if rows:
             with open(path, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=keys)
@@ -44,3 +49,16 @@ class CSVLogger(_CSVLogger):
     def _keep(self, row: dict[str, str]) -> bool:
         step = row.get("ppo/step") or row.get("step")
         return self.keep_before_step is None or step in (None, "") or float(step) < self.keep_before_step
+
+
+class WandbLogger(_WandbLogger):
+    """Lightning's ``WandbLogger`` in wandb's quiet mode, without the ``anonymous`` setting Lightning always passes
+    (wandb warns that it has no effect). Quiet mode drops wandb's end-of-run banner, whose raw ANSI colour codes
+    end up in log files; wandb still says where the run is saved."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._wandb_init.pop("anonymous", None)
+        settings = self._wandb_init.get("settings")
+        if settings is None or isinstance(settings, dict):
+            self._wandb_init["settings"] = {"quiet": True, **(settings or {})}

@@ -8,10 +8,14 @@ round-trips), the plain constructor gives a working model, the head's dropout fo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,16 +24,18 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrained
 
 from lit_vhead.checkpoint import (
     ADAPTER_CONFIG,
+    BASE_MODEL_DIR,
     PICKLE_WEIGHTS,
     SAFE_WEIGHTS,
     V_HEAD_PREFIX,
     CheckpointError,
     _fetch,
     atomic_directory,
+    is_findable_offline,
     load_value_head_state,
     read_tensors,
 )
-from lit_vhead.value_head import ValueHead, check_init_strategy, mask_values
+from lit_vhead.value_head import DEFAULT_INITIALIZER_RANGE, ValueHead, check_init_strategy, mask_values
 
 try:  # peft is a dependency, but the value-head models work without it (TRL's test_no_peft)
     from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -163,11 +169,11 @@ class PreTrainedModelWrapper(nn.Module):
             if adapter_config is not None:
                 if peft_config is not None:
                     warnings.warn(f"`peft_config` ignored: a peft config file was found in {path}", stacklevel=2)
-                base_path = PeftConfig.from_pretrained(path, **hub_kwargs).base_model_name_or_path
-                base = cls.transformers_parent_class.from_pretrained(base_path, *model_args, **hf_kwargs)
+                base = cls._load_peft_base(path, hub_kwargs, *model_args, **hf_kwargs)
                 base = PeftModel.from_pretrained(base, path, is_trainable=is_trainable, **hub_kwargs)
             else:
-                base = cls.transformers_parent_class.from_pretrained(path, *model_args, **hf_kwargs)
+                with _v_head_keys_expected(), _progress_bars(_weights_bytes(path) > _PROGRESS_BAR_MIN_BYTES):
+                    base = cls.transformers_parent_class.from_pretrained(path, *model_args, **hf_kwargs)
                 base = cls._maybe_add_peft(base, peft_config, kbit_kwargs)
             if v_head_state is None:
                 warnings.warn(
@@ -193,7 +199,10 @@ class PreTrainedModelWrapper(nn.Module):
         score = None
         if reward_adapter is not None:
             if not is_peft:
-                raise ValueError("reward_adapter can only be used with a PeftModel. ")
+                raise ValueError(
+                    f"reward_adapter={os.fspath(reward_adapter)!r} needs a PEFT policy: the reward LoRA is loaded as a "
+                    "second adapter of the policy's base. Pass peft_config=LoraConfig(...) (CLI: peft=lora)."
+                )
             score = cls.add_and_load_reward_modeling_adapter(
                 base, os.fspath(reward_adapter), reward_adapter_name, token=hub_kwargs.get("token")
             )
@@ -207,6 +216,31 @@ class PreTrainedModelWrapper(nn.Module):
         if v_head_state is not None:
             model.post_init(v_head_state)
         return model
+
+    @classmethod
+    def _load_peft_base(cls, path: str, hub_kwargs: dict, *model_args: Any, **hf_kwargs: Any) -> PreTrainedModel:
+        """The base model under the adapters saved in ``path``: the copy saved beside them (``base_model/``, written
+        when the base could not be found again) if there is one, else the recorded ``base_model_name_or_path``."""
+        base_config = _fetch(path, f"{BASE_MODEL_DIR}/config.json", hub_kwargs)
+        if base_config is not None:
+            base_dir = os.path.dirname(base_config)
+            if not os.path.isdir(path):  # a hub repo: fetch the whole base_model/ folder
+                from huggingface_hub import snapshot_download
+
+                download = {k: v for k, v in hub_kwargs.items() if k != "subfolder"}
+                snapshot = snapshot_download(path, allow_patterns=[f"{BASE_MODEL_DIR}/*"], **download)
+                base_dir = os.path.join(snapshot, BASE_MODEL_DIR)
+            with _progress_bars(_weights_bytes(base_dir) > _PROGRESS_BAR_MIN_BYTES):
+                return cls.transformers_parent_class.from_pretrained(base_dir, *model_args, **hf_kwargs)
+        base_path = PeftConfig.from_pretrained(path, **hub_kwargs).base_model_name_or_path
+        if not base_path:
+            raise CheckpointError(
+                f"The adapters in '{path}' record no base model (base_model_name_or_path is null) and no "
+                f"{BASE_MODEL_DIR}/ is saved beside them: load the base yourself and pass it, "
+                f"{cls.__name__}.from_pretrained(PeftModel.from_pretrained(base, '{path}')), or re-save with lit_vhead "
+                "(which saves such a base with the adapters)."
+            )
+        return cls.transformers_parent_class.from_pretrained(base_path, *model_args, **hf_kwargs)
 
     @staticmethod
     def _maybe_add_peft(base: PreTrainedModel, peft_config: Any, kbit_kwargs: dict) -> PreTrainedModel:
@@ -224,9 +258,24 @@ class PreTrainedModelWrapper(nn.Module):
         adapter_name: str = "reward_model_adapter",
         token: str | None = None,
     ) -> nn.Module:
-        """Load a sequence-classification LoRA as a second, frozen adapter and return its ``score`` head."""
-        pretrained_model.load_adapter(adapter_model_id, adapter_name, is_trainable=False)
+        """Load a sequence-classification LoRA as a second, frozen adapter and return its ``score`` head.
+
+        Warns when the adapter was trained on another base than the policy's (its scores would be meaningless), and
+        raises a one-line ``ValueError`` when its shapes do not fit the policy.
+        """
         hub_kwargs = {"token": token} if token else {}
+        adapter_base = _check_adapter_base(pretrained_model, adapter_model_id, hub_kwargs)
+        try:
+            pretrained_model.load_adapter(adapter_model_id, adapter_name, is_trainable=False)
+        except RuntimeError as err:
+            mismatches = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+            if not mismatches:
+                raise
+            raise ValueError(
+                f"The reward adapter '{adapter_model_id}' does not fit the policy: {len(mismatches)} tensors differ in "
+                f"shape ({mismatches[0].rstrip('.')}). It was trained on base {adapter_base!r}; build the policy from "
+                f"that base (CLI: model.name_or_path=<its dir>)."
+            ) from None
         weights = None
         for filename in ("adapter_model.safetensors", "adapter_model.bin"):
             weights = _fetch(adapter_model_id, filename, hub_kwargs)
@@ -289,16 +338,20 @@ class PreTrainedModelWrapper(nn.Module):
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """Write the base (or its adapters) and the value head, atomically.
+        """Write the base (or its adapters) and the value head, atomically, so that the directory reloads offline.
 
         Full models: one HF checkpoint with the ``v_head.*`` tensors inside (loads in TRL and in plain transformers).
         PEFT models: the adapter files plus ``model.safetensors`` holding only the ``v_head.*`` tensors (TRL wrote a
-        pickle; ``safe_serialization=False`` still writes ``pytorch_model.bin``). The directory need not exist; if it
-        does, files other than the weights (a tokenizer) are kept, and a failed save leaves it untouched.
+        pickle; ``safe_serialization=False`` still writes ``pytorch_model.bin``). When the base cannot be found again
+        offline from what the adapters record (built from a config, or a hub id not in the cache), the base is saved
+        too, in ``base_model/``, and ``base_model_name_or_path`` points there. The directory need not exist; if it
+        does, files other than the weights (a tokenizer) are kept, and a failed save leaves it untouched. Files follow
+        the umask.
         """
         state_dict = kwargs.pop("state_dict", None) or self.state_dict()
         safe = kwargs.get("safe_serialization", True)
-        with atomic_directory(save_directory) as tmp:
+        model_bytes = sum(p.numel() * p.element_size() for p in self.hf_model.parameters())
+        with atomic_directory(save_directory) as tmp, _progress_bars(model_bytes > _PROGRESS_BAR_MIN_BYTES):
             if self.is_peft_model:
                 heads = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k.startswith(V_HEAD_PREFIX)}
                 if safe:
@@ -309,8 +362,33 @@ class PreTrainedModelWrapper(nn.Module):
                     torch.save(heads, os.path.join(tmp, PICKLE_WEIGHTS))
                 kwargs.pop("safe_serialization", None)
                 self.pretrained_model.save_pretrained(tmp, *args, **kwargs)
+                self._record_peft_base(tmp, os.path.abspath(save_directory), safe)
             else:
                 self.pretrained_model.save_pretrained(tmp, *args, state_dict=state_dict, **kwargs)
+
+    def _record_peft_base(self, tmp: str, final_directory: str, safe: bool) -> None:
+        """Make the adapters' ``base_model_name_or_path`` findable offline: an absolute path for a local base, or the
+        base itself saved into ``base_model/`` when nothing on disk holds it."""
+        recorded = _base_name(self.pretrained_model)
+        if recorded is not None and os.path.isdir(recorded):
+            recorded = os.path.abspath(recorded)
+        elif not is_findable_offline(recorded):
+            adapter_names = set(self.pretrained_model.peft_config)
+            base_state = {}
+            for key, value in self.hf_model.state_dict().items():
+                parts = key.split(".")
+                if any(part in adapter_names for part in parts):
+                    continue  # an adapter's own tensor (lora_A.default..., modules_to_save.default...)
+                key = ".".join(p for p in parts if p not in ("base_layer", "original_module"))
+                base_state[key] = value
+            self.hf_model.save_pretrained(
+                os.path.join(tmp, BASE_MODEL_DIR), state_dict=base_state, safe_serialization=safe
+            )
+            recorded = os.path.join(final_directory, BASE_MODEL_DIR)
+        for config_file in Path(tmp).rglob(ADAPTER_CONFIG):
+            config = json.loads(config_file.read_text())
+            config["base_model_name_or_path"] = recorded
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
 
     def push_to_hub(self, repo_id: str, commit_message: str = "Upload model with value head", **kwargs: Any) -> Any:
         """Upload what ``save_pretrained`` writes (value head included, also for PEFT models) to the hub.
@@ -380,20 +458,106 @@ class PreTrainedModelWrapper(nn.Module):
             self.train(was_training)
 
 
+# transformers' per-tensor progress bars ("Loading weights", "Writing model shards") are shown for big models only.
+_PROGRESS_BAR_MIN_BYTES = 2**30
+
+
+def _weights_bytes(path: str) -> float:
+    """Bytes of the weight files in a local dir; infinite for a hub id (a download worth a progress bar)."""
+    if not os.path.isdir(path):
+        return float("inf")
+    return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix in (".safetensors", ".bin"))
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' progress bars on or off for the duration of one load or save."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _v_head_keys_expected() -> Iterator[None]:
+    """While transformers loads one of our checkpoints, the ``v_head.*`` tensors in it are expected: they are not
+    reported as UNEXPECTED keys (they are read separately, by ``load_value_head_state``). Other keys still are."""
+    original = getattr(PreTrainedModel, "_adjust_missing_and_unexpected_keys", None)
+    if original is None:  # a transformers without this hook: its report stays as it is
+        yield
+        return
+
+    def adjust(model: PreTrainedModel, loading_info: Any) -> None:
+        original(model, loading_info)
+        loading_info.unexpected_keys = {k for k in loading_info.unexpected_keys if not k.startswith(V_HEAD_PREFIX)}
+
+    PreTrainedModel._adjust_missing_and_unexpected_keys = adjust
+    try:
+        yield
+    finally:
+        PreTrainedModel._adjust_missing_and_unexpected_keys = original
+
+
+def _base_name(model: Any) -> str | None:
+    """What a model records as its source (``config.name_or_path``): a hub id, a path, or None if built from a config."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base.config, "name_or_path", None) or getattr(base.config, "_name_or_path", None) or None
+
+
+def _same_source(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return False
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.samefile(a, b)
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def _check_adapter_base(pretrained_model: Any, adapter_model_id: str, hub_kwargs: dict) -> str | None:
+    """Warn unless the reward adapter's recorded base is the policy's base; return the adapter's base name."""
+    adapter_base = PeftConfig.from_pretrained(adapter_model_id, **hub_kwargs).base_model_name_or_path
+    policy_base = _base_name(pretrained_model)
+    if adapter_base is None:
+        warnings.warn(
+            f"The reward adapter '{adapter_model_id}' records no base model (base_model_name_or_path is null), so "
+            "lit_vhead cannot check that it was trained on the policy's base; its scores are meaningful only there.",
+            stacklevel=3,
+        )
+    elif not _same_source(adapter_base, policy_base):
+        policy = repr(policy_base) if policy_base else "a model built from a config (random weights)"
+        warnings.warn(
+            f"The reward adapter '{adapter_model_id}' was trained on base {adapter_base!r}, but the policy's base is "
+            f"{policy}: its scores are meaningful only on its own base. Build the policy from it (CLI: "
+            f"model.name_or_path={adapter_base}).",
+            stacklevel=3,
+        )
+    return adapter_base
+
+
 class _ValueHeadModel(PreTrainedModelWrapper):
-    """What the causal and seq2seq classes share: the head, its init, loading its weights, the forward pass."""
+    """What the causal and seq2seq classes share: the head, its init, loading its weights, the forward pass.
+
+    ``lm_head_namings`` (TRL's class attribute) names the language-model head: a base without a module of one of these
+    names is rejected, and the value head goes to the LM head's device. Extend it for a model whose head is named
+    otherwise.
+    """
 
     supported_args = ("summary_dropout_prob", "v_head_initializer_range", "v_head_init_strategy")
+    lm_head_namings: tuple[str, ...] | list[str] = ("lm_head", "embed_out")
 
     def __init__(self, pretrained_model: PreTrainedModel, **kwargs: Any) -> None:
         head_kwargs, _, _ = self._split_kwargs(kwargs)
         check_init_strategy(head_kwargs.get("v_head_init_strategy"))
         super().__init__(pretrained_model, **kwargs)
-        self._check_lm_head()
+        lm_head = self._lm_head()
         self.v_head = ValueHead(self.config, **head_kwargs)
         self._init_weights(**head_kwargs)
-        output_embeddings = self.hf_model.get_output_embeddings()
-        self.v_head.to(output_embeddings.weight.device)
+        self.v_head.to(next(lm_head.parameters(), self.v_head.summary.weight).device)
         self.train(pretrained_model.training)  # the head's dropout follows the base's mode
 
     @property
@@ -401,17 +565,22 @@ class _ValueHeadModel(PreTrainedModelWrapper):
         """transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name goes in 5.40)."""
         return "cache" if "cache" in inspect.signature(self.hf_model.forward).parameters else "past_key_values"
 
-    def _check_lm_head(self) -> None:
-        if self.hf_model.get_output_embeddings() is None or not hasattr(self.hf_model, "generate"):
-            raise ValueError(
-                f"{type(self.hf_model).__name__} has no language-model head; load it with "
-                f"{self.transformers_parent_class.__name__} (e.g. GPT2LMHeadModel, not GPT2Model)."
-            )
+    def _lm_head(self) -> nn.Module:
+        """The base's language-model head: its first module named one of ``lm_head_namings`` (TRL 0.7.10's check)."""
+        for name, module in self.hf_model.named_modules():
+            if name.rsplit(".", 1)[-1] in self.lm_head_namings:
+                return module
+        raise ValueError(
+            f"{type(self.hf_model).__name__} has no language-model head: none of its modules is named one of "
+            f"{type(self).__name__}.lm_head_namings={list(self.lm_head_namings)}. Load it with "
+            f"{self.transformers_parent_class.__name__} (e.g. GPT2LMHeadModel, not GPT2Model), or, if its head has "
+            "another name, add that name to lm_head_namings."
+        )
 
     def _init_weights(self, **kwargs: Any) -> None:
-        """Initialise the head: ``v_head_init_strategy`` None (nn.Linear default) or "normal" (std 0.2, bias 0)."""
+        """Initialise the head: ``v_head_init_strategy`` None (nn.Linear default) or "normal" (N(0, range), bias 0)."""
         self.v_head.reset_parameters(
-            kwargs.get("v_head_init_strategy"), kwargs.get("v_head_initializer_range", 0.2)
+            kwargs.get("v_head_init_strategy"), kwargs.get("v_head_initializer_range", DEFAULT_INITIALIZER_RANGE)
         )
 
     def post_init(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -476,13 +645,14 @@ class AutoModelForSeq2SeqLMWithValueHead(_ValueHeadModel):
     lm_head_namings = ["lm_head", "embed_out", "output_projection"]
     is_encoder_decoder = True
 
-    def _check_lm_head(self) -> None:
-        super()._check_lm_head()
+    def _lm_head(self) -> nn.Module:
+        lm_head = super()._lm_head()
         if not getattr(self.config, "is_encoder_decoder", False):
             raise ValueError(
                 f"{type(self.hf_model).__name__} is not an encoder-decoder model; use "
                 "AutoModelForCausalLMWithValueHead for decoder-only models."
             )
+        return lm_head
 
     def forward(self, input_ids: torch.Tensor | None = None, past_key_values: Any = None, attention_mask=None,
                 return_past_key_values: bool = False, **kwargs: Any) -> tuple:

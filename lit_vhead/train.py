@@ -7,7 +7,10 @@ output dir) runs before any model is built or any step runs.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +26,23 @@ from lit_vhead.config import as_ppo_config
 from lit_vhead.loggers import CSVLogger
 from lit_vhead.module import PPOModule
 from lit_vhead.reference import ReferenceConfig, shared_parameter_names
+from lit_vhead.rewards import RewardAdapter
+from lit_vhead.summary import RunSummary
 from lit_vhead.sweep import fix_ddp_children_in_multirun
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
+
+
+class _DropLightningTips(logging.Filter):
+    """Lightning's advertisement for its cloud logger tells a user of this CLI nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+# Third-party noise that tells the user nothing, on every run: Lightning's own use of a deprecated torch API, and the tip.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 
 
 def _instantiate(node: Any, **kwargs: Any) -> Any:
@@ -79,6 +96,43 @@ def _read_checkpoint(path: str) -> dict:
         ) from err
 
 
+def _check_precision(trainer_cfg: DictConfig) -> None:
+    """Lightning turns fp16 mixed precision on a CPU into bf16 with a warning, while the saved config keeps saying
+    16-mixed: refuse it instead."""
+    precision = str(trainer_cfg.get("precision"))
+    accelerator = str(trainer_cfg.get("accelerator"))
+    on_cpu = accelerator == "cpu" or (accelerator in ("auto", "None") and not torch.cuda.is_available())
+    if on_cpu and precision in ("16-mixed", "16"):
+        raise ValueError(
+            f"trainer.precision={precision} (fp16 autocast) needs a GPU; on a CPU use trainer.precision=bf16-mixed "
+            "or 32-true, or run on a GPU with trainer=gpu."
+        )
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A run that failed before writing anything leaves no run dir (Hydra made it, its .hydra/ and its parents under
+    the working directory, e.g. outputs/ppo/runs/, at start)."""
+    run_dir = run_dir.absolute()
+    if not run_dir.is_dir() or any(p.name not in (".hydra", "train.log") for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().absolute()
+    for parent in run_dir.parents:
+        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def _finish_wandb(loggers: list) -> None:
+    """End the wandb run now, in wandb's quiet mode, rather than at exit (where wandb prints its banner anyway), so
+    the summary line is the run's last word and the next job of a sweep starts its own run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
 def _end_distributed(environ: dict[str, str]) -> None:
     """Leave the process as it was before fit (no process group, no DDP variables), so the next job of a sweep in
     this same process starts its own DDP world instead of joining the finished one."""
@@ -103,11 +157,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "use ref=peft with peft=lora, or trainer=deepspeed (ZeRO-2)."
         )
     _check_reference(model_cfg, model_config_of(model_cfg), ref)
+    _check_precision(cfg.trainer)
+    reward = _instantiate(cfg.reward)
+    if isinstance(reward, RewardAdapter) and not cfg.peft:
+        raise ValueError(
+            "reward=adapter loads the reward LoRA as a second adapter of the policy, so the policy needs adapters "
+            "too: add peft=lora (and ref=peft to use the bare base as the reference)."
+        )
     tokenizer = build_tokenizer(model_cfg)
     module = PPOModule(
         policy=model_cfg,
         tokenizer=tokenizer,
-        reward=_instantiate(cfg.reward),
+        reward=reward,
         ppo=ppo,
         head=cfg.head,
         peft=_instantiate(cfg.peft) if cfg.peft else None,
@@ -128,7 +189,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         for logger in loggers:
             if isinstance(logger, CSVLogger):
                 logger.keep_before_step = resume_step
-    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    summary = RunSummary()
+    callbacks = _instantiate_dict(cfg.get("callbacks")) + [summary]
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -140,17 +202,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
         _end_distributed(environ)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    _finish_wandb(loggers)
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         if cfg.get("save_pretrained_dir"):
             module.policy.save_pretrained(cfg.save_pretrained_dir)
             tokenizer.save_pretrained(cfg.save_pretrained_dir)
-            print(f"Saved the trained policy (value head included) to {cfg.save_pretrained_dir}")
+            if not Path(cfg.save_pretrained_dir).is_relative_to(output_dir):
+                print(f"Saved the trained policy (value head included) to {cfg.save_pretrained_dir}")
         if cfg.get("plot") and (output_dir / "csv" / "metrics.csv").is_file():
             from lit_vhead.plot import plot_run
 
-            print(f"Curves: {plot_run(output_dir)}")
-        print(f"Run outputs: {output_dir}")
+            plot_run(output_dir)
+        print(summary.line(output_dir), flush=True)
     return metrics
 
 
@@ -164,10 +228,12 @@ def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
 
 
 def main(cfg: DictConfig) -> float | None:
-    """The CLI: run ``train``; a user error prints one line (``LIT_VHEAD_TRACEBACK=1`` shows the traceback)."""
+    """The CLI: run ``train``; a user error prints one line (``LIT_VHEAD_TRACEBACK=1`` shows the traceback) and
+    leaves no empty run dir behind."""
     try:
         return metric_value(train(cfg), cfg.get("optimized_metric"))
     except USER_ERRORS as err:
+        _remove_if_empty(Path(cfg.paths.output_dir))
         if os.environ.get("LIT_VHEAD_TRACEBACK"):
             raise
         print(f"Error: {err}", flush=True)

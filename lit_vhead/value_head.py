@@ -6,8 +6,10 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+# The head's defaults (TRL's), the one source for the model classes, HeadConfig and configs/head.
 INIT_STRATEGIES = (None, "normal")
-DEFAULT_DROPOUT = 0.1
+DEFAULT_DROPOUT = 0.1  # when neither summary_dropout_prob nor config.summary_dropout_prob is given
+DEFAULT_INITIALIZER_RANGE = 0.2  # std of the "normal" init
 
 
 def hidden_size_of(config: PretrainedConfig) -> int:
@@ -55,7 +57,9 @@ class ValueHead(nn.Module):
         with torch.autocast(hidden_states.device.type, enabled=False):
             return self.summary(hidden_states)
 
-    def reset_parameters(self, init_strategy: str | None = None, initializer_range: float = 0.2) -> None:
+    def reset_parameters(
+        self, init_strategy: str | None = None, initializer_range: float = DEFAULT_INITIALIZER_RANGE
+    ) -> None:
         """``None`` keeps ``nn.Linear``'s default; ``"normal"`` draws N(0, range) weights and zeroes the bias."""
         check_init_strategy(init_strategy)
         if init_strategy == "normal":
@@ -78,6 +82,12 @@ def mask_values(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     if mask.shape != values.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match values shape {tuple(values.shape)}.")
     return values.masked_fill(mask == 0, 0.0)
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (0 at padding before it), so a left-padded row gets the
+    positions it has alone (trl#469)."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
 def last_token_index(mask: torch.Tensor) -> torch.Tensor:

@@ -3,9 +3,13 @@ adapter, and each TRL bug that lit_vhead fixes (see /work/shared/docs/trl-value-
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import stat
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -482,7 +486,7 @@ def test_invalid_from_pretrained_arguments(tiny_dirs):
         CLM.from_pretrained(123)
     with pytest.raises(ValueError, match="PeftConfig"):
         CLM.from_pretrained(tiny_dirs["gpt2"], peft_config={"r": 4})
-    with pytest.raises(ValueError, match="PeftModel"):
+    with pytest.raises(ValueError, match="needs a PEFT policy.*peft=lora"):
         load_quiet(CLM, tiny_dirs["gpt2"], reward_adapter=str(tiny_dirs["gpt2"]))
 
 
@@ -708,3 +712,137 @@ def test_compute_reward_score_without_adapter_raises():
     model = CLM(tiny_hf_model("gpt2"))
     with pytest.raises(ValueError, match="reward"):
         model.compute_reward_score(make_inputs("gpt2")["input_ids"])
+
+
+# ---------------------------------------------------------------------------------------------------- saves reload
+RELOAD = """
+import sys, torch
+import lit_vhead
+cls, path, io = getattr(lit_vhead, sys.argv[1]), sys.argv[2], sys.argv[3]
+inputs = torch.load(io + "/inputs.pt", weights_only=True)
+model = cls.from_pretrained(path).eval()
+with torch.no_grad():
+    logits, _, values = model(**inputs)
+torch.save({"logits": logits, "values": values}, io + "/outputs.pt")
+"""
+
+
+def reload_in_fresh_process(cls, path, inputs: dict, tmp_path) -> dict:
+    """Load ``path`` in a new Python process, offline, from another working directory; return its outputs."""
+    io = tmp_path / "io"
+    io.mkdir(exist_ok=True)
+    torch.save(inputs, io / "inputs.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", RELOAD, cls.__name__, str(path), str(io)], cwd=io, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(io / "outputs.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_peft_policy_on_a_base_built_from_a_config_reloads_offline_in_a_fresh_process(arch, tmp_path):
+    """The base exists nowhere on disk: the save must hold it too, and record where it is."""
+    cls = wrapper_cls(arch)
+    task = "SEQ_2_SEQ_LM" if arch in SEQ2SEQ else "CAUSAL_LM"
+    model = cls.from_pretrained(tiny_hf_model(arch), peft_config=LoraConfig(task_type=task, r=4, target_modules="all-linear"))
+    perturb_lora_b(model, seed=3)
+    with torch.no_grad():
+        model.v_head.summary.weight.normal_()
+    model.eval()
+    model.save_pretrained(tmp_path / "policy")
+    recorded = json.loads((tmp_path / "policy" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(tmp_path / "policy" / "base_model")
+    assert not any(k.startswith("v_head") or "lora" in k for k in load_file(Path(recorded) / "model.safetensors"))
+    inputs = make_inputs(arch)
+    with torch.no_grad():
+        logits, _, values = model(**inputs)
+    out = reload_in_fresh_process(cls, tmp_path / "policy", inputs, tmp_path)
+    assert torch.equal(out["logits"], logits) and torch.equal(out["values"], values)
+    shutil.move(tmp_path / "policy", tmp_path / "moved")  # the saved base travels with the directory
+    out = reload_in_fresh_process(cls, tmp_path / "moved", inputs, tmp_path)
+    assert torch.equal(out["logits"], logits) and torch.equal(out["values"], values)
+
+
+def test_peft_policy_on_a_local_base_records_it_and_saves_no_copy(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tiny_dirs["gpt2"].parent)
+    model = load_quiet(CLM, "gpt2", peft_config=gpt2_lora())  # a relative path: recorded as absolute
+    perturb_lora_b(model, seed=4)
+    model.eval()
+    model.save_pretrained(tmp_path / "policy")
+    assert not (tmp_path / "policy" / "base_model").exists()
+    recorded = json.loads((tmp_path / "policy" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str(tiny_dirs["gpt2"])
+    inputs = make_inputs("gpt2")
+    with torch.no_grad():
+        logits, _, values = model(**inputs)
+    out = reload_in_fresh_process(CLM, tmp_path / "policy", inputs, tmp_path)
+    assert torch.equal(out["logits"], logits) and torch.equal(out["values"], values)
+
+
+def test_adapters_that_record_no_base_give_a_clear_error(tmp_path):
+    """A PEFT dir written elsewhere (peft itself, an older save) with base_model_name_or_path null."""
+    peft_model = get_peft_model(tiny_hf_model("gpt2"), gpt2_lora())
+    peft_model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    with pytest.raises(CheckpointError, match="record no base model.*PeftModel.from_pretrained"):
+        load_quiet(CLM, tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("peft", [False, True])
+def test_saved_files_follow_the_umask(tmp_path, umask, peft):
+    """Saves go through mkdtemp (0700) and libraries' mkstemp (0600): the result must look like any file the user
+    writes (0755/0644 under umask 022)."""
+    model = CLM.from_pretrained(tiny_hf_model("gpt2"), peft_config=gpt2_lora() if peft else None)
+    previous = os.umask(umask)
+    try:
+        model.save_pretrained(tmp_path / "policy")
+        model.save_pretrained(tmp_path / "policy")  # a re-save into an existing dir, too
+    finally:
+        os.umask(previous)
+    paths = [tmp_path / "policy", *(tmp_path / "policy").rglob("*")]
+    assert len(paths) > 3
+    for path in paths:
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == expected, (path, oct(path.stat().st_mode))
+
+
+# ---------------------------------------------------------------------------------------------------- LM head
+def test_lm_head_check_uses_lm_head_namings():
+    """TRL 0.7.10: a base without a module named one of ``lm_head_namings`` has no LM head; extend the attribute for
+    a model whose head is named otherwise."""
+    assert CLM.lm_head_namings == ("lm_head", "embed_out")
+    assert S2S.lm_head_namings == ["lm_head", "embed_out", "output_projection"]
+    base = tiny_hf_model("gpt2")
+    base.output_head = base.lm_head  # the same head under another name
+    del base.lm_head
+    with pytest.raises(ValueError, match=r"lm_head_namings=\['lm_head', 'embed_out'\]"):
+        CLM(base)
+
+    class RenamedHead(CLM):
+        lm_head_namings = ("output_head",)
+
+    assert RenamedHead(base).v_head.summary.in_features == base.config.n_embd
+
+
+# ---------------------------------------------------------------------------------------------------- reward adapter checks
+def test_reward_adapter_of_another_base_warns(tiny_dirs, reward_setup, tmp_path):
+    policy = get_peft_model(tiny_hf_model("gpt2", seed=1), gpt2_lora())  # built from a config: another base
+    with pytest.warns(UserWarning, match=rf"trained on base '{tiny_dirs['gpt2']}'.*built from a config"):
+        CLM.from_pretrained(policy, reward_adapter=str(reward_setup.path))
+    same = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(tiny_dirs["gpt2"]), gpt2_lora())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # its own base: no warning
+        CLM.from_pretrained(same, reward_adapter=str(reward_setup.path))
+
+
+def test_reward_adapter_whose_shapes_do_not_fit_gives_one_line(tiny_dirs, reward_setup):
+    wider = transformers.AutoConfig.for_model(**{**TINY_CONFIGS["gpt2"], "n_embd": 64})
+    policy = get_peft_model(transformers.AutoModelForCausalLM.from_config(wider), gpt2_lora())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError) as info:
+            CLM.from_pretrained(policy, reward_adapter=str(reward_setup.path))
+    message = str(info.value)
+    assert "\n" not in message and "does not fit the policy" in message and "size mismatch" in message
+    assert f"trained on base '{tiny_dirs['gpt2']}'" in message
