@@ -94,6 +94,18 @@ def check_tokenizer(tokenizer: Any) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def check_vocabulary(tokenizer: PreTrainedTokenizerBase, policy: Any, config: Any) -> None:
+    """Every token id the tokenizer can produce (pad included) must have a row in the policy's embedding."""
+    embeddings = policy.hf_model.get_input_embeddings() if policy is not None else None
+    rows = getattr(embeddings, "num_embeddings", None) or getattr(config.get_text_config(), "vocab_size", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ValueError(
+            f"The tokenizer ({type(tokenizer).__name__}) has {len(tokenizer)} tokens but the policy's embedding has "
+            f"{rows} rows: pass the policy's own tokenizer, or resize the model "
+            f"(model.resize_token_embeddings(len(tokenizer))) after adding tokens."
+        )
+
+
 def build_tokenizer(model_cfg: Mapping) -> PreTrainedTokenizerBase:
     """The tokenizer named by ``model.tokenizer`` (``byt5`` = byte-level, no files) or found at ``name_or_path``."""
     name = model_cfg.get("tokenizer") or model_cfg.get("name_or_path")
@@ -121,12 +133,13 @@ def wrap_policy(
     model: Any, head: HeadConfig | Mapping | None = None, peft_config: Any = None, reward_adapter: str | None = None
 ) -> PreTrainedModelWrapper:
     """A value-head policy from a model object: a value-head model as it is, or a transformers/PEFT model with a
-    value head added (and ``peft_config`` applied)."""
+    value head added (set by ``head``, defaults if None) and ``peft_config`` applied."""
     if isinstance(model, PreTrainedModelWrapper):
-        if peft_config is not None or reward_adapter is not None:
+        if peft_config is not None or reward_adapter is not None or head is not None:
             raise ValueError(
-                "policy is already a value-head model, so peft/reward-adapter settings cannot be applied here: build "
-                "it with AutoModelFor...WithValueHead.from_pretrained(model, peft_config=..., reward_adapter=...)."
+                "policy is already a value-head model, so head/peft/reward-adapter settings cannot be applied here: "
+                "build it with AutoModelFor...WithValueHead.from_pretrained(model, peft_config=..., "
+                "reward_adapter=..., v_head_init_strategy=...), or pass the plain transformers model as policy."
             )
         return model
     from peft import PeftModel

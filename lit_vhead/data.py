@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,8 +134,13 @@ class PromptDataModule(L.LightningDataModule):
         for prompt in self.prompts:
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"prompts: {prompt!r} is not a non-empty string; every prompt needs text.")
-        if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1.")
+        if batch_size is not None and (type(batch_size) is not int or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} must be an int >= 1, or None to follow ppo.batch_size.")
+        if tokenizer is not None:
+            from lit_vhead.builders import check_tokenizer
+
+            check_tokenizer(tokenizer)
+        self.given = {"tokenizer": tokenizer, "batch_size": batch_size, "seed": seed}  # None: follow the PPOModule
         self.tokenizer, self.batch_size, self.seed = tokenizer, batch_size, seed
         self.max_prompt_tokens = max_prompt_tokens
         self.padding_side = "left"
@@ -146,21 +151,17 @@ class PromptDataModule(L.LightningDataModule):
 
     def prepare_for(self, module: Any) -> None:
         """Follow the PPO module (tokenizer, batch size, seed, padding side), then tokenise and check every prompt."""
-        ppo = getattr(module, "ppo", None)
+        ppo, given = getattr(module, "ppo", None), self.given
+        self.tokenizer = given["tokenizer"] if given["tokenizer"] is not None else getattr(module, "tokenizer", None)
         if self.tokenizer is None:
-            self.tokenizer = getattr(module, "tokenizer", None)
-            if self.tokenizer is None:
-                raise ValueError("PromptDataModule needs a tokenizer: PromptDataModule(prompts, tokenizer).")
-        if ppo is not None:
-            if self.batch_size is not None and self.batch_size != ppo.batch_size:
-                raise ValueError(
-                    f"PromptDataModule(batch_size={self.batch_size}) disagrees with ppo.batch_size={ppo.batch_size}; "
-                    "leave batch_size unset to follow ppo.batch_size."
-                )
-            self.batch_size = ppo.batch_size
-            self.seed = ppo.seed if self.seed is None else self.seed
-        self.batch_size = self.batch_size or 32
-        self.seed = self.seed or 0
+            raise ValueError("PromptDataModule needs a tokenizer: PromptDataModule(prompts, tokenizer).")
+        if ppo is not None and given["batch_size"] not in (None, ppo.batch_size):
+            raise ValueError(
+                f"PromptDataModule(batch_size={given['batch_size']}) disagrees with ppo.batch_size={ppo.batch_size} "
+                "(one batch is one PPO step); leave batch_size unset to follow ppo.batch_size."
+            )
+        self.batch_size = given["batch_size"] or (ppo.batch_size if ppo is not None else 32)
+        self.seed = given["seed"] if given["seed"] is not None else (ppo.seed if ppo is not None else 0)
         is_encoder_decoder = bool(getattr(module, "is_encoder_decoder", False))
         self.padding_side = "right" if is_encoder_decoder else "left"
         limit = getattr(module, "prompt_limit", lambda: None)()
@@ -195,6 +196,33 @@ class PromptDataModule(L.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         sampler = PPOStepSampler(len(self.query_ids), self.batch_size, self.seed, rank)
         return DataLoader(self.query_ids, sampler=sampler, batch_size=self.batch_size, collate_fn=self.collate)
+
+
+def check_prompt_batch(batch: Any, batch_size: int, left_padded: bool) -> None:
+    """A clear error for a prompt batch PPO cannot use (e.g. from a user's own DataLoader): it must be a dict of
+    ``query_ids`` and ``query_mask`` tensors [B, L], B = ``ppo.batch_size``, padded on the left for causal policies."""
+    if not isinstance(batch, Mapping) or not {"query_ids", "query_mask"} <= set(batch):
+        keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+        raise TypeError(
+            f"A prompt batch must be a dict with 'query_ids' and 'query_mask' tensors [batch, tokens]; got {keys}. "
+            "Use lit_vhead.PromptDataModule, or lit_vhead.data.pad_queries in your DataLoader's collate_fn."
+        )
+    ids, mask = batch["query_ids"], batch["query_mask"]
+    if not (torch.is_tensor(ids) and torch.is_tensor(mask)) or ids.dim() != 2 or ids.shape != mask.shape:
+        raise TypeError(
+            "A prompt batch's 'query_ids' and 'query_mask' must be 2-d tensors of the same shape [batch, tokens]; got "
+            f"{getattr(ids, 'shape', type(ids).__name__)} and {getattr(mask, 'shape', type(mask).__name__)}."
+        )
+    if ids.shape[0] != batch_size:
+        raise ValueError(
+            f"The prompt batch holds {ids.shape[0]} prompts but ppo.batch_size={batch_size}: one batch is one PPO "
+            "step, so build the DataLoader with batch_size=ppo.batch_size (PromptDataModule does)."
+        )
+    if left_padded and bool((mask[:, -1] == 0).any()):
+        raise ValueError(
+            "The prompt batch is right-padded (query_mask ends in 0); causal policies need left-padded prompts. "
+            "Use lit_vhead.PromptDataModule, or pad_queries(..., side='left') in your collate function."
+        )
 
 
 def pad_queries(queries: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:

@@ -28,21 +28,36 @@ from lit_vhead.builders import (
     build_policy,
     check_model_source,
     check_tokenizer,
+    check_vocabulary,
     model_config_of,
     wrap_policy,
 )
 from lit_vhead.config import HeadConfig, PPOConfig, as_head_config, as_ppo_config
-from lit_vhead.data import step_seed
+from lit_vhead.data import check_prompt_batch, step_seed
 from lit_vhead.modeling import PreTrainedModelWrapper
 from lit_vhead.ppo.core import Engine, PPOCore, default_optimizer
 from lit_vhead.reference import Reference, ReferenceConfig
-from lit_vhead.rewards import RewardInputs, RewardSource, as_reward_source
+from lit_vhead.rewards import RewardInputs, RewardSource, as_reward_source, check_scores
 from lit_vhead.rollout import Rollout, generate
 
 # Lightning warns when max_epochs is unset; PPOModule then sets it to ppo.steps (see `setup`).
 warnings.filterwarnings("ignore", message="`max_epochs` was not set", module="lightning")
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 _LIGHTNING_DEFAULT_LOG_EVERY = 50
+
+
+def as_reference_config(ref: Any) -> ReferenceConfig | None:
+    """A ``ReferenceConfig`` from a config, a mode string (``"copy"``, ``"shared"``, ``"peft"``), a dict or None."""
+    if ref is None or isinstance(ref, ReferenceConfig):
+        return ref
+    if isinstance(ref, str):
+        return ReferenceConfig(mode=ref)
+    if isinstance(ref, Mapping):
+        return ReferenceConfig(**ref)
+    raise TypeError(
+        "ref must be None (a frozen copy), a mode 'copy'/'shared'/'peft', a dict such as {'mode': 'shared', "
+        f"'num_shared_layers': 1}}, or a lit_vhead.ReferenceConfig; got {type(ref).__name__} {ref!r}."
+    )
 
 
 class PPOModule(L.LightningModule):
@@ -53,13 +68,16 @@ class PPOModule(L.LightningModule):
             with an LM head (a value head is added, set by ``head``), a local checkpoint path or hub id in the HF
             cache, or a model config mapping as in ``configs/model`` (built in ``configure_model``).
         tokenizer: the policy's tokenizer (it needs a pad token).
-        reward: a function ``fn(prompts, responses, **kw) -> list[float] | Tensor`` (one score per sample), a
-            ``(sequence-classification model, tokenizer)`` pair, or a :class:`~lit_vhead.rewards.RewardSource`.
+        reward: a function ``fn(prompts, responses, **kw) -> list[float] | Tensor`` (one score per sample; it also
+            gets ``query_ids``/``response_ids`` if it accepts them), a ``(sequence-classification model, tokenizer)``
+            pair (score = logit 0; ``lit_vhead.rewards.RewardModel`` picks another ``label_index``), or a
+            :class:`~lit_vhead.rewards.RewardSource`. None in a subclass that overrides :meth:`score_rollout`.
         ppo: a :class:`~lit_vhead.config.PPOConfig`, a dict of its fields, or None (TRL 0.11.4's defaults).
         head: value-head settings (``HeadConfig`` or dict) used when a value head is added here.
         peft: a ``peft.PeftConfig`` applied to the policy when it is built or wrapped here.
-        ref: the reference (``ReferenceConfig``, or its mode ``"copy"``/``"shared"``/``"peft"``); None gives a frozen
-            copy, or the adapters-disabled base for a PEFT policy. A ``ReferenceModelCallback`` overrides it.
+        ref: the reference (``ReferenceConfig``, a dict of its fields, or its mode ``"copy"``/``"shared"``/``"peft"``);
+            None gives a frozen copy, or the adapters-disabled base for a PEFT policy. A ``ReferenceModelCallback``
+            overrides it.
         optimizer: ``fn(params) -> Optimizer``; default TRL's Adam at ``ppo.learning_rate``.
         scheduler: ``fn(optimizer) -> LRScheduler``, stepped once per PPO step.
         sample_table_every: log a table of prompts/responses/rewards every N PPO steps (0: never).
@@ -73,7 +91,7 @@ class PPOModule(L.LightningModule):
         ppo: PPOConfig | Mapping | None = None,
         head: HeadConfig | Mapping | None = None,
         peft: Any = None,
-        ref: ReferenceConfig | str | None = None,
+        ref: ReferenceConfig | str | Mapping | None = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         sample_table_every: int = 10,
@@ -83,7 +101,18 @@ class PPOModule(L.LightningModule):
         self.ppo = as_ppo_config(ppo)
         self.head = as_head_config(head)
         self.tokenizer = check_tokenizer(tokenizer)
-        self.reward: RewardSource = as_reward_source(reward)
+        own_scoring = type(self).score_rollout is not PPOModule.score_rollout
+        self.reward: RewardSource | None = None if reward is None and own_scoring else as_reward_source(reward)
+        self.ref: ReferenceConfig | None = as_reference_config(ref)
+        examples = {"optimizer": "partial(torch.optim.AdamW, lr=1e-5)", "scheduler": "partial(LinearLR, ...)"}
+        for name, value in (("optimizer", optimizer), ("scheduler", scheduler)):
+            if value is not None and not callable(value):
+                raise TypeError(
+                    f"{name} must be None or a function that builds it (e.g. {examples[name]}); got "
+                    f"{type(value).__name__} {value!r}."
+                )
+        if isinstance(sample_table_every, bool) or not isinstance(sample_table_every, int) or sample_table_every < 0:
+            raise ValueError(f"sample_table_every={sample_table_every!r} must be an int >= 0 (0: never).")
         self.peft_config = peft
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -103,12 +132,12 @@ class PPOModule(L.LightningModule):
             check_model_source(spec)
             self.model_config = model_config_of(spec)
         else:
-            self.policy = wrap_policy(policy, self.head, peft, self._reward_adapter)
+            self.policy = wrap_policy(policy, head, peft, self._reward_adapter)
             self.model_config = self.policy.config
         self.is_encoder_decoder = bool(getattr(self.model_config, "is_encoder_decoder", False))
-        if isinstance(ref, str):
-            ref = ReferenceConfig(mode=ref)
-        self.ref: ReferenceConfig | None = ref
+        check_vocabulary(self.tokenizer, self.policy, self.model_config)
+        if self.ref is not None and self.policy is not None:
+            self.ref.validate(self.policy)  # e.g. ref="peft" without a PEFT policy, or a bad num_shared_layers
         self.__dict__["reference"] = None  # not a submodule: never in checkpoints, never wrapped by DDP
         self.core = PPOCore(self.ppo)
         self.stats = self.core.stats  # a child module, so it follows the device
@@ -124,7 +153,8 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ set-up
     def setup(self, stage: str) -> None:
-        """Checks that need the Trainer, before any model is built: PPO-step budget, logging rate, reward shape."""
+        """Checks that need the Trainer, before any model is built: PPO-step budget (one batch per epoch), logging
+        rate, reward shape."""
         if stage != "fit":
             return
         trainer = self.trainer
@@ -141,13 +171,19 @@ class PPOModule(L.LightningModule):
                 "PPO step is one Lightning epoch. Leave max_epochs unset (the run takes ppo.steps PPO steps) or set "
                 "them equal."
             )
+        if trainer.limit_train_batches not in (1, 1.0):
+            raise ValueError(
+                f"Trainer(limit_train_batches={trainer.limit_train_batches}) is not supported: a PPO step is one batch "
+                "of prompts (one Lightning epoch). Leave it unset."
+            )
+        trainer.limit_train_batches = 1  # one batch per epoch, whatever the length of the user's DataLoader
         if trainer.log_every_n_steps == _LIGHTNING_DEFAULT_LOG_EVERY:  # not chosen: log every PPO step
             trainer.log_every_n_steps = 1
         self.check_reward(getattr(trainer.datamodule, "prompts", None) or ["Hello", "World"])
 
     def check_reward(self, prompts: list[str]) -> None:
         """A dry run of the reward (prompts as stand-in responses): a wrong output shape fails before any rollout."""
-        if self._reward_checked:
+        if self._reward_checked or self.reward is None:
             return
         prompts = list(prompts[:2])
         self.reward.probe(prompts, [self.tokenizer(p)["input_ids"] for p in prompts])
@@ -185,7 +221,8 @@ class PPOModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self.policy.v_head.float()  # the head stays fp32 under bf16-true/16-true (values and losses are fp32)
         self.reference.follow(self.policy)
-        self.reward.setup(self.policy, self.tokenizer, self.device)
+        if self.reward is not None:
+            self.reward.setup(self.policy, self.tokenizer, self.device)
 
     @property
     def reference(self) -> Reference | None:
@@ -199,6 +236,7 @@ class PPOModule(L.LightningModule):
         rollout = self.generate_rollout(batch)
         generation_time = time.perf_counter() - start
         scores = self.score_rollout(rollout)
+        scores = check_scores(scores, len(rollout.query_ids), f"{type(self).__name__}.score_rollout").to(self.device)
         generator = torch.Generator().manual_seed(step_seed(self.ppo.seed, step, self.global_rank) + 1)
         engine = Engine(
             model=self.policy,
@@ -223,17 +261,13 @@ class PPOModule(L.LightningModule):
 
     def generate_rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
         """Sample one response per prompt (``batch``: ``query_ids``/``query_mask``). Override for your own sampling."""
-        if not self.is_encoder_decoder and bool((batch["query_mask"][:, -1] == 0).any()):
-            raise ValueError(
-                "The prompt batch is right-padded (query_mask ends in 0); causal policies need left-padded prompts. "
-                "Use lit_vhead.PromptDataModule, or pad on the left in your collate function."
-            )
+        check_prompt_batch(batch, self.ppo.batch_size, left_padded=not self.is_encoder_decoder)
         self.policy.eval()  # dropout off in rollouts
         return generate(self.policy, batch, self.ppo.generation, self.tokenizer)
 
     def score_rollout(self, rollout: Rollout) -> torch.Tensor:
-        """One score per sample ([B] tensor). Override to score with your own environment; the default decodes the
-        prompts and responses and calls the ``reward`` source."""
+        """One score per sample ([B] tensor, or a list of B floats). Override to score with your own environment
+        (then ``reward`` may be None); the default decodes the prompts and responses and calls the ``reward`` source."""
         inputs = reward_inputs(rollout, self.tokenizer)
         self._last_texts = (inputs.prompts, inputs.responses)
         return self.reward(inputs).to(self.device)

@@ -95,8 +95,13 @@ class FunctionReward(RewardSource):
         return check_scores(scores, len(inputs.prompts), self.name) * self.scale
 
     def probe(self, prompts: list[str], query_ids: list[list[int]]) -> None:
-        ids = torch.zeros(len(prompts), 1, dtype=torch.long)
-        self(RewardInputs(prompts, list(prompts), query_ids, query_ids, ids, torch.ones_like(ids)))
+        self(dry_run_inputs(prompts, query_ids))
+
+
+def dry_run_inputs(prompts: list[str], query_ids: list[list[int]]) -> RewardInputs:
+    """Stand-in rollouts for a reward probe: the prompts as responses."""
+    ids = torch.zeros(len(prompts), 1, dtype=torch.long)
+    return RewardInputs(prompts, list(prompts), query_ids, query_ids, ids, torch.ones_like(ids))
 
 
 def _accepted_keywords(fn: Callable, names: Sequence[str]) -> tuple[str, ...]:
@@ -176,6 +181,8 @@ class RewardModel(RewardSource):
             self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer or self.name_or_path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:  # GPT-2-style classifiers cannot score a padded batch without it
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.eval().requires_grad_(False)
         num_labels = self.model.config.num_labels
         if not 0 <= self.label_index < num_labels:
@@ -184,6 +191,12 @@ class RewardModel(RewardSource):
                 f"{num_labels} labels ({self.model.config.id2label})."
             )
         self.model.to(device)
+
+    def probe(self, prompts: list[str], query_ids: list[list[int]]) -> None:
+        """A model object is at hand: a dry run (where it is) catches a wrong model or label before any rollout."""
+        if self.model is not None:
+            self.setup(None, None, self.model.device)
+            self(dry_run_inputs(prompts, query_ids))
 
     @torch.no_grad()
     def compute(self, inputs: RewardInputs) -> torch.Tensor:
