@@ -34,6 +34,7 @@ import os
 import random
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -154,6 +155,12 @@ class Accelerator:
     def use_distributed(self) -> bool:
         return self.fabric.world_size > 1
 
+    @property
+    def state(self) -> SimpleNamespace:
+        """What scripts read from ``accelerator.state`` (TRL's ``ppo.py`` checks ``deepspeed_plugin``)."""
+        return SimpleNamespace(deepspeed_plugin=None, num_processes=self.num_processes,
+                               process_index=self.process_index, device=self.device)
+
     def unwrap_model(self, model: Any, keep_fp32_wrapper: bool = True) -> Any:
         return unwrap(model)
 
@@ -260,6 +267,11 @@ class PPOTrainer:
             )
         if ref_model is not None and unwrap(ref_model) is policy:
             raise ValueError("ref_model is the policy itself; pass None for a frozen copy, or a separate model.")
+        if ref_model is not None and not isinstance(unwrap(ref_model), PreTrainedModelWrapper):
+            raise TypeError(
+                f"ref_model must be a lit_vhead value-head model like the policy, got {type(ref_model).__name__}; "
+                "or pass None for a frozen copy of the policy."
+            )
         if lr_scheduler is not None and not isinstance(lr_scheduler, torch.optim.lr_scheduler.LRScheduler):
             raise TypeError(f"lr_scheduler must be a torch LRScheduler, got {type(lr_scheduler).__name__}.")
         if training_data_collator is not None:
@@ -534,7 +546,8 @@ class PPOTrainer:
         return rollout, torch.stack(score_list).to(device)
 
     def _trl_stats(self, output: StepOutput, queries: Sequence, responses: Sequence) -> dict[str, Any]:
-        """The core's statistics plus TRL's per-sample arrays (this process's batch; histograms in wandb)."""
+        """The core's statistics (reduced over processes) plus TRL's per-sample arrays and ``tokens/*_len_std`` (this
+        process's batch, as in TRL; the arrays become histograms in wandb)."""
         stats: dict[str, Any] = dict(output.stats)
         rollout = output.rollout
         mask = rollout.response_mask.bool()

@@ -398,6 +398,25 @@ def test_bad_construction_is_named():
     model = tiny_policy()
     with pytest.raises(ValueError, match="ref_model is the policy itself"):
         PPOTrainer(PPOConfig(), model, model, byt5())
+    with pytest.raises(TypeError, match="ref_model must be a lit_vhead value-head model"):
+        PPOTrainer(PPOConfig(), model, tiny_hf_model("gpt2"), byt5())
+
+
+def test_mixed_precision_comes_from_accelerator_kwargs():
+    config = PPOConfig(batch_size=4, mini_batch_size=2, accelerator_kwargs={"mixed_precision": "bf16"})
+    trainer = quiet_trainer(config, tiny_policy(), None, byt5())
+    assert type(trainer.fabric.strategy.precision).__name__ == "MixedPrecision"
+    seen = []
+    hook = trainer.model.pretrained_model.transformer.h[0].mlp.c_fc.register_forward_hook(
+        lambda module, inputs, output: seen.append(output.dtype)
+    )
+    queries = queries_of(PROMPTS)
+    responses = trainer.generate(queries, return_prompt=False, max_new_tokens=4, **SAMPLING)
+    stats = trainer.step(queries, responses, [torch.tensor(float(len(r))) for r in responses])
+    hook.remove()
+    assert torch.bfloat16 in seen and math.isfinite(stats["ppo/loss/total"])  # autocast in sampling and PPO passes
+    assert trainer.model.v_head.summary.weight.dtype == torch.float32
+    assert trainer.accelerator.state.deepspeed_plugin is None  # TRL's examples/scripts/ppo.py reads it
 
 
 def test_accelerator_shim_answers_what_classic_scripts_ask():
@@ -497,28 +516,38 @@ DDP_SCRIPT = textwrap.dedent(
     model = AutoModelForCausalLMWithValueHead.from_pretrained(transformers.AutoModelForCausalLM.from_config(config))
     model = torch.nn.parallel.DistributedDataParallel(model)
     tokenizer = transformers.ByT5Tokenizer(extra_ids=0)
-    data = [{"input_ids": torch.tensor([3 + i, 40 + i, 90 + (i % 5)][: 2 + i % 2]), "row": i} for i in range(16)]
+    data = [{"input_ids": torch.tensor([3 + i, 40 + i, 90 + (i % 5)][: 2 + i % 2]), "row": i} for i in range(24)]
     collate = lambda rows: {key: [row[key] for row in rows] for key in rows[0]}
     trainer = PPOTrainer(PPOConfig(batch_size=4, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3,
                                    accelerator_kwargs={"cpu": True}),
                          model, None, tokenizer, dataset=data, data_collator=collate)
     start = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     record = {"rows": [], "steps": []}
-    for step, batch in enumerate(trainer.dataloader):
-        if step == 2:
-            break
+
+    def ppo_step(batch):
         responses = trainer.generate(batch["input_ids"], return_prompt=False, max_new_tokens=5, do_sample=True,
                                      pad_token_id=0, eos_token_id=None)
         scores = [torch.tensor(10.0 * rank + float(len(r))) for r in responses]  # rank 1 scores far higher
         stats = trainer.step(batch["input_ids"], responses, scores)
         trainer.log_stats(stats, {}, scores)
-        record["rows"] += [int(r) for r in batch["row"]]
-        record["steps"].append({
+        return {
             "scalars": {k: v for k, v in stats.items() if isinstance(v, float) and not k.startswith("time/")},
             "advantages": stats["ppo/policy/advantages"].tolist(),
             "gathered": trainer.accelerator.gather(torch.stack(scores)).tolist(),
             "kl_coef": trainer.kl_ctl.value,
-        })
+        }
+
+    batches = iter(trainer.dataloader)
+    for _ in range(2):
+        batch = next(batches)
+        record["rows"] += [int(r) for r in batch["row"]]
+        record["steps"].append(ppo_step(batch))
+    trainer.save_state(os.path.join(out, "state"))  # resume on two processes: the third step, twice
+    batch = next(batches)
+    third = (ppo_step(batch), {k: v.clone() for k, v in trainer.model.state_dict().items()})
+    trainer.load_state(os.path.join(out, "state"))
+    again = (ppo_step(batch), trainer.model.state_dict())
+    record["resumed_equal"] = third[0] == again[0] and all(torch.equal(third[1][k], again[1][k]) for k in again[1])
     trainer.save_pretrained(os.path.join(out, "saved"))
     record["world_size"] = trainer.accelerator.num_processes
     record["main"] = trainer.accelerator.is_main_process
@@ -546,10 +575,13 @@ def test_torchrun_two_processes_train_in_lockstep_and_whiten_over_both(tmp_path)
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["main"] for r in ranks] == [True, False]
     assert not set(ranks[0]["rows"]) & set(ranks[1]["rows"])  # each rank drew its own rows
     assert ranks[0]["trained"] and ranks[1]["trained"]
+    assert ranks[0]["resumed_equal"] and ranks[1]["resumed_equal"]  # save_state/load_state under DDP
     weights = [load_file(tmp_path / f"weights{r}.safetensors") for r in (0, 1)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # in lockstep
     for step0, step1 in zip(ranks[0]["steps"], ranks[1]["steps"]):
-        assert step0["scalars"] == step1["scalars"] and step0["kl_coef"] == step1["kl_coef"]  # reduced over ranks
+        local_keys = ("tokens/queries_len_std", "tokens/responses_len_std")  # this process's batch, as in TRL
+        reduced = [{k: v for k, v in step["scalars"].items() if k not in local_keys} for step in (step0, step1)]
+        assert reduced[0] == reduced[1] and step0["kl_coef"] == step1["kl_coef"]  # reduced over ranks
         assert len(step0["gathered"]) == 8 and step0["gathered"] == step1["gathered"]
         local = [np.asarray(step0["advantages"]), np.asarray(step1["advantages"])]
         both = np.concatenate(local)
