@@ -153,7 +153,6 @@ def run_ours(args) -> dict:
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
 
-    from lit_vhead.callbacks import ReferenceModelCallback
     from lit_vhead.module import PPOModule
     from lit_vhead.rewards import FunctionReward, even_token_fraction
 
@@ -232,10 +231,13 @@ def run_ours(args) -> dict:
     torch.manual_seed(args.seed)
     tokenizer = build_id_tokenizer(args.vocab_size)
     module = PPOModule(
-        model={"kind": "causal", "config": {"model_type": "gpt2", **gpt2_config_kwargs(args)}},
+        policy={"kind": "causal", "config": {"model_type": "gpt2", **gpt2_config_kwargs(args)}},
         reward=FunctionReward(even_token_fraction),
         tokenizer=tokenizer,
+        ref="copy",
         ppo={
+            "seed": args.seed,
+            "steps": args.warmup + args.steps,
             "batch_size": args.batch_size,
             "mini_batch_size": args.mini_batch_size,
             "ppo_epochs": args.ppo_epochs,
@@ -249,19 +251,17 @@ def run_ours(args) -> dict:
                 "stop_at_eos": False,
             },
         },
-        seed=args.seed,
     )
     timer = StepTimer(StepGate())
     trainer = L.Trainer(
         max_epochs=args.warmup + args.steps,
         accelerator="cpu",
         devices=1,
-        callbacks=[ReferenceModelCallback("copy"), timer],
+        callbacks=[timer],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        use_distributed_sampler=False,
         log_every_n_steps=1,
         num_sanity_val_steps=0,
     )

@@ -89,7 +89,10 @@ class PPOConfig:
     """TRL classic's PPO settings, TRL 0.11.4's names and defaults (``steps`` counts PPO steps here).
 
     Fields beyond TRL's: ``kl_penalty="k3"``, ``missing_eos_penalty`` (TRL PPOv2's: subtracted from the score of a
-    response that never produced EOS), and ``generation`` (``PPOModule``'s sampling settings).
+    response that never produced EOS), ``generation`` (``PPOModule``'s sampling settings), and two speed settings:
+    ``cpu_kernels`` (fp32 CPU passes through oneDNN GEMMs and a fused tanh-GELU, glibc keeps freed memory; results
+    differ from the plain kernels by float rounding only, see ``lit_vhead.kernels``) and ``compile``
+    (``torch.compile`` the policy's forward/backward; pays off after a few PPO steps, see ``bench/ppo_step.py``).
     """
 
     exp_name: str = os.path.basename(sys.argv[0])[: -len(".py")]
@@ -143,6 +146,8 @@ class PPOConfig:
     dataset_num_proc: int | None = None
     missing_eos_penalty: float | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    cpu_kernels: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.generation, dict):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from lit_vhead.config import GenerationConfig
+from lit_vhead.kernels import fast_kernels
 from lit_vhead.ppo import logprobs_from_logits
 from lit_vhead.value_head import position_ids_from_mask
 
@@ -54,22 +55,27 @@ def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int | None)
 
 
 @torch.no_grad()
-def generate(policy, batch: dict[str, torch.Tensor], settings: GenerationConfig, tokenizer) -> Rollout:
-    """Sample one response per prompt with the KV cache; responses end at (and keep) their first EOS."""
+def generate(policy, batch: dict[str, torch.Tensor], settings: GenerationConfig, tokenizer,
+             cpu_kernels: bool = False) -> Rollout:
+    """Sample one response per prompt with the KV cache; responses end at (and keep) their first EOS.
+
+    ``cpu_kernels``: run the policy with :func:`lit_vhead.kernels.fast_kernels` (``PPOConfig.cpu_kernels``).
+    """
     eos = tokenizer.eos_token_id if settings.stop_at_eos else None
-    output = policy.generate(
-        input_ids=batch["query_ids"],
-        attention_mask=batch["query_mask"],
-        max_new_tokens=settings.max_new_tokens,
-        min_new_tokens=settings.min_new_tokens or None,
-        do_sample=settings.do_sample,
-        temperature=settings.temperature if settings.do_sample else None,
-        top_k=settings.top_k if settings.do_sample else None,
-        top_p=settings.top_p if settings.do_sample else None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos,
-        use_cache=True,
-    )
+    with fast_kernels(policy, enabled=cpu_kernels):
+        output = policy.generate(
+            input_ids=batch["query_ids"],
+            attention_mask=batch["query_mask"],
+            max_new_tokens=settings.max_new_tokens,
+            min_new_tokens=settings.min_new_tokens or None,
+            do_sample=settings.do_sample,
+            temperature=settings.temperature if settings.do_sample else None,
+            top_k=settings.top_k if settings.do_sample else None,
+            top_p=settings.top_p if settings.do_sample else None,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+            use_cache=True,
+        )
     if policy.config.is_encoder_decoder:
         decoder_start, response = output[:, :1], output[:, 1:]
     else:

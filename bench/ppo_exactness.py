@@ -1,0 +1,123 @@
+"""Is the whole PPO update still TRL's? One ``PPOTrainer.step`` on the PPO-step workload, TRL 0.11.4 against ours.
+
+The workload of ``bench/ppo_step.py`` (GPT-2 4x256, vocab 512, random init, batch 32, 16+32 tokens, mini-batch 8,
+4 PPO epochs, Adam lr 1e-4): TRL 0.11.4 builds the model, saves it with its ``save_pretrained`` and runs ``step``
+twice on fixed ``(queries, responses, scores)`` in its own venv; ``lit_vhead.PPOTrainer`` loads the same start and
+runs the same two steps (the same ``np.random.permutation`` minibatches), once per setting below. Printed: the largest
+``|Δweight|`` against TRL after each step, for
+
+- ``plain``: ``cpu_kernels=False`` (PyTorch's default kernels: MKL sgemm, transformers' Python GELU);
+- ``cpu_kernels``: the default (oneDNN GEMMs, fused tanh-GELU; ``lit_vhead.kernels``).
+
+Adam divides each gradient by its own running magnitude, so a gradient entry near zero turns a rounding difference
+into a visible step difference; that is why the figure is printed against the size of the update itself, and why
+``plain`` (which also differs from TRL, by operation order) is the yardstick for ``cpu_kernels``.
+
+    OMP_NUM_THREADS=1 python bench/ppo_exactness.py --trl-python /tmp/trl-classic/bin/python
+
+Prints a table, then ONE JSON line (``{"bench": "ppo_exactness", ...}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from ppo_step import build_id_tokenizer, make_queries  # noqa: E402
+
+WORKLOAD = dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512)
+PPO = dict(batch_size=32, mini_batch_size=8, ppo_epochs=4, learning_rate=1e-4, seed=0)
+QUERY_LEN, RESPONSE_LEN, STEPS = 16, 32, 2
+
+
+def rollout():
+    """Fixed queries (``make_queries`` of step 0), random responses and the even-token reward."""
+    import torch
+
+    queries = make_queries(0, 0, PPO["batch_size"], QUERY_LEN, WORKLOAD["vocab_size"])
+    g = torch.Generator().manual_seed(1)
+    responses = torch.randint(3, WORKLOAD["vocab_size"], (PPO["batch_size"], RESPONSE_LEN), generator=g)
+    scores = (responses % 2 == 0).float().mean(1)
+    return list(queries), list(responses), list(scores)
+
+
+def weights(model) -> dict:
+    state = model.state_dict()
+    state.pop("lm_head.weight", None)  # tied to the embedding
+    return {k: v.detach().clone().contiguous() for k, v in state.items() if v.is_floating_point()}
+
+
+def run_trl(out: str) -> None:
+    """In TRL's venv: build and save the start, run the steps, save the weights after each."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(GPT2LMHeadModel(GPT2Config(**WORKLOAD)))
+    model.save_pretrained(os.path.join(out, "start"))
+    trainer = PPOTrainer(PPOConfig(**PPO), model, None, build_id_tokenizer(WORKLOAD["vocab_size"]))
+    queries, responses, scores = rollout()
+    for k in range(1, STEPS + 1):
+        trainer.step(queries, responses, scores)
+        save_file(weights(model), os.path.join(out, f"trl_step{k}.safetensors"))
+
+
+def run_ours(out: str, cpu_kernels: bool) -> list[dict]:
+    import torch
+    from safetensors.torch import load_file
+
+    from lit_vhead import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(os.path.join(out, "start"))
+    trainer = PPOTrainer(PPOConfig(**PPO, cpu_kernels=cpu_kernels), model, None,
+                         build_id_tokenizer(WORKLOAD["vocab_size"]))
+    queries, responses, scores = rollout()
+    start = weights(model)
+    rows = []
+    for k in range(1, STEPS + 1):
+        trainer.step(queries, responses, scores)
+        ours, trl = weights(model), load_file(os.path.join(out, f"trl_step{k}.safetensors"))
+        rows.append({
+            "step": k,
+            "max_abs_dw_vs_trl": max((ours[n] - trl[n]).abs().max().item() for n in trl),
+            "max_abs_update": max((trl[n] - start[n]).abs().max().item() for n in trl),
+        })
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--trl-python", required=False, default="/tmp/trl-classic/bin/python")
+    p.add_argument("--trl-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.trl_child:
+        run_trl(args.trl_child)
+        return
+    with tempfile.TemporaryDirectory(prefix="ppo_exactness_") as out:
+        env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+        subprocess.run([args.trl_python, __file__, "--trl-child", out], check=True, env=env)
+        sys.path.insert(0, str(HERE.parent))
+        results = {name: run_ours(out, flag) for name, flag in (("plain", False), ("cpu_kernels", True))}
+    print(f"One PPOTrainer.step x{STEPS} on the ppo_step workload vs TRL 0.11.4 (fp32, same start, same minibatches)")
+    print(f"{'setting':12s} {'step':>4s} {'max|dW| vs TRL':>15s} {'max|update|':>12s}")
+    for name, rows in results.items():
+        for r in rows:
+            print(f"{name:12s} {r['step']:4d} {r['max_abs_dw_vs_trl']:15.2e} {r['max_abs_update']:12.2e}")
+    print(json.dumps({"bench": "ppo_exactness", "workload": {**WORKLOAD, **PPO}, "results": results}))
+
+
+if __name__ == "__main__":
+    main()
