@@ -263,7 +263,7 @@ class PPOModule(L.LightningModule):
         """Sample one response per prompt (``batch``: ``query_ids``/``query_mask``). Override for your own sampling."""
         check_prompt_batch(batch, self.ppo.batch_size, left_padded=not self.is_encoder_decoder)
         self.policy.eval()  # dropout off in rollouts
-        return generate(self.policy, batch, self.ppo.generation, self.tokenizer)
+        return generate(self.policy, batch, self.ppo.generation, self.tokenizer, self.ppo.cpu_kernels)
 
     def score_rollout(self, rollout: Rollout) -> torch.Tensor:
         """One score per sample ([B] tensor, or a list of B floats). Override to score with your own environment
