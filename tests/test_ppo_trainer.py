@@ -589,3 +589,19 @@ def test_torchrun_two_processes_train_in_lockstep_and_whiten_over_both(tmp_path)
         assert local[0].mean() < -0.3 and local[1].mean() > 0.3  # ... not per rank
     saved = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "saved")
     assert torch.equal(saved.v_head.summary.weight, weights[0]["v_head.summary.weight"])
+
+
+def test_num_shared_layers_reference_shares_and_freezes_the_lower_layers():
+    policy = tiny_policy()
+    trainer = quiet_trainer(PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-3), policy, None, byt5(),
+                            num_shared_layers=1)
+    lower = policy.pretrained_model.transformer.h[0].mlp.c_fc.weight
+    assert trainer.ref_model.pretrained_model.transformer.h[0].mlp.c_fc.weight.data_ptr() == lower.data_ptr()
+    before = weights_of(policy)
+    queries = queries_of(PROMPTS)
+    for _ in range(2):
+        responses = trainer.generate(queries, return_prompt=False, max_new_tokens=5, **SAMPLING)
+        stats = trainer.step(queries, responses, [torch.tensor(float(len(r))) for r in responses])
+    moved = changed(before, weights_of(policy))
+    assert moved and not any(".h.0." in k or ".wte." in k for k in moved)  # shared layers stay frozen
+    assert stats["objective/kl"] != 0.0  # the upper layers moved away from the reference's
