@@ -187,8 +187,7 @@ class Accelerator:
                     f"PPOTrainer.accelerator.prepare takes data loaders, got {type(obj).__name__}: PPOTrainer already "
                     "set up its model and optimizer (pass them to PPOTrainer)."
                 )
-        prepared = self.fabric.setup_dataloaders(*objects)
-        return prepared
+        return self.fabric.setup_dataloaders(*objects)
 
     def autocast(self):
         return self.fabric.autocast()
