@@ -1,35 +1,53 @@
-"""PPO-step benchmark: ``PPOModule`` + Lightning Trainer vs. the bare-transformers floor (and TRL classic).
+"""PPO-step benchmark: lit_vhead's PPO step vs the bare-transformers floor, TRL 0.11.4 and the GEMM limit.
 
-The workload (the PPO issue's, see docs/ppo-reference.md §6): GPT-2 config n_layer=4, n_embd=256, n_head=4,
-vocab_size=512 (other GPT-2 defaults), random init, a full frozen copy as reference, batch 32, queries of 16 token
-ids drawn uniformly from the vocabulary, exactly 32 sampled response tokens (min_new_tokens = max_new_tokens = 32,
-top_k=0, top_p=1, no EOS stop), reward = fraction of even response ids, mini-batch 8, 4 PPO epochs, Adam lr 1e-4,
-dropout off in every forward (as TRL classic and ``PPOModule`` run PPO).
+Presets (``--preset``; any field can still be set by its flag):
 
-Sides, each run in its own process (so each has its own peak RSS) with ``OMP_NUM_THREADS`` = ``--threads``:
+- ``workload`` (the PPO issue's, see ../shared/docs/ppo-reference.md §6): GPT-2 config n_layer=4, n_embd=256,
+  n_head=4, vocab_size=512, random init, batch 32, 16+32 tokens, mini-batch 8, 4 PPO epochs, 1 thread.
+- ``gpt2-small``: GPT-2 small's config (12x768, vocab 50257), random init, batch 16, 16+32 tokens, mini-batch 4,
+  4 PPO epochs, 2 threads.
 
-- ``ours``: the real product: ``PPOModule`` + ``ReferenceModelCallback("copy")`` + ``lightning.Trainer`` on CPU, one
-  Lightning epoch per PPO step. Split from the module's logged ``time/ppo/*`` metrics; ``wall`` is the whole Lightning
-  epoch (data loading, ``training_step``, logging, loop overhead), measured by a callback.
-- ``floor``: bare transformers doing only the work PPO cannot avoid: one KV-cached ``generate`` (same settings), one
-  no-grad policy forward over the rollout (``model.transformer`` + ``model.lm_head`` on the response positions + a
-  separate ``nn.Linear`` value head on the last hidden state), the no-grad reference forward, then ppo_epochs x
-  minibatches of forward + backward + ``Adam.step`` on a clipped-surrogate policy loss plus a value loss.
+Common to both: queries of ``query_len`` token ids drawn uniformly from the vocabulary, exactly ``response_len``
+sampled response tokens (min = max new tokens, top_k=0, top_p=1, no EOS stop), reward = fraction of even response ids,
+Adam lr 1e-4, dropout off in every PPO forward (as TRL classic's passes and ``PPOModule``).
+
+Sides (``--sides``), each in its own process (so each has its own peak RSS), ``OMP_NUM_THREADS`` = ``--threads``:
+
+- ``ours``: the product: ``PPOModule`` + ``lightning.Trainer`` (reference = full frozen copy, default ``PPOConfig``:
+  ``cpu_kernels`` on), one Lightning epoch per PPO step; ``wall`` is the whole epoch (data, ``training_step``,
+  logging, loop), split by the module's logged ``time/ppo/*`` metrics. Variants of it:
+  ``plain`` (``ppo.cpu_kernels=False``: PyTorch's default kernels), ``bf16`` (``precision=bf16-mixed``),
+  ``compile`` (``ppo.compile=True``), ``shared`` (``ref=shared``, k = n_layer/2), ``peft`` (LoRA r=8 on all linear
+  layers, ``ref=peft``: the policy with adapters disabled).
+- ``trainer``: ``lit_vhead.PPOTrainer.step`` (TRL's classic loop API, on Fabric), run by the very script of the
+  ``trl`` side (``bench/_trl_classic_ppo.py --impl lit_vhead``: only the import differs).
+- ``floor``: bare transformers doing only the work PPO cannot avoid: one KV-cached ``generate``, one no-grad policy
+  forward (backbone, LM head and a separate ``nn.Linear`` value head on the response positions), the no-grad
+  reference forward, then ppo_epochs x minibatches of forward + backward + ``Adam.step`` (PyTorch's default kernels).
 - ``trl`` (only with ``--trl-python``): TRL 0.11.4's ``PPOTrainer.step(queries, responses, scores)`` after a batched
-  ``model.generate`` with the same sampling settings, run by ``bench/_trl_classic_ppo.py`` in TRL's own venv.
-  Create that venv once with::
+  ``model.generate`` with the same sampling settings, in TRL's own venv. Create that venv once with::
 
-      python3 -m venv /tmp/trl-classic && /tmp/trl-classic/bin/pip install torch==2.13.0 trl==0.11.4 \
+      python3 -m venv /tmp/trl-classic && /tmp/trl-classic/bin/pip install torch==2.13.0 trl==0.11.4 \\
           transformers==4.46.3 accelerate==1.1.1 datasets==3.1.0 peft==0.13.2 pyarrow==18.1.0 "numpy<2.3" rich
 
   (``rich`` is imported by ``trl.trainer.utils`` 0.11.4 but not declared as its dependency.)
+- ``gemm``: the arithmetic limit. It records every GEMM (``mm``/``addmm``/``bmm``: shapes, layouts, counts) of one
+  floor step, then each round times each distinct GEMM with PyTorch's fp32 path (MKL ``sgemm`` on CPU, cuBLAS on
+  GPU) and, on x86 CPUs, with oneDNN (what ``cpu_kernels`` uses), and adds them up by count. Its ``wall`` is the
+  faster of the two: the time this machine needs for the step's matrix products alone, measured in the same run
+  (attention's own products, a few per mille of the FLOPs at 48 tokens, are not in it). It also reports the GEMM
+  FLOPs per PPO step and both GFLOP/s rates.
 
 The sides are interleaved step by step: all side processes are started and set up first, then a gate lets exactly one
 of them run one PPO step at a time, round-robin (the order rotates every step), so the machine's noise hits every side
 alike and no two sides ever run at once. ``--warmup`` steps per side are dropped, then ``--steps`` are measured; every
-side draws the same queries at the same step. The table shows median and min of the measured steps.
+side draws the same queries at the same step. The table shows median and min of the measured steps, and ``first``
+(the first step, compilation included). The machine is shared: compare ratios from one run, and repeat runs.
 
-    OMP_NUM_THREADS=1 python bench/ppo_step.py --trl-python /tmp/trl-classic/bin/python
+    OMP_NUM_THREADS=1 python bench/ppo_step.py --trl-python /tmp/trl-classic/bin/python --steps 10
+    OMP_NUM_THREADS=1 python bench/ppo_step.py --sides ours,plain,bf16,compile --steps 10
+    python bench/ppo_step.py --preset gpt2-small --trl-python /tmp/trl-classic/bin/python
+    python3 bench/ppo_step.py --preset gpt2-small --accelerator gpu --sides floor,ours,gemm   # on a GPU
 
 Prints a table, then ONE JSON line (``{"bench": "ppo_step", ...}``).
 """
@@ -53,28 +71,50 @@ STEP_PREFIX = "BENCH_STEP "
 READY = "BENCH_READY"
 PARTS = ("generation", "scoring", "optimisation")
 
+PRESETS = {
+    "workload": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512, batch_size=32, query_len=16, response_len=32,
+                     mini_batch_size=8, ppo_epochs=4, threads=1, steps=10, warmup=2,
+                     sides="floor,ours,plain,trainer,trl,gemm"),
+    "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, batch_size=16, query_len=16,
+                       response_len=32, mini_batch_size=4, ppo_epochs=4, threads=2, steps=3, warmup=1,
+                       sides="ours,trl,shared,peft,gemm"),
+}
+# The PPOModule variants: what each changes from the defaults.
+OURS = {
+    "ours": {},
+    "plain": {"cpu_kernels": False},
+    "bf16": {"precision": "bf16-mixed"},
+    "compile": {"compile": True},
+    "shared": {"ref": "shared"},
+    "peft": {"peft": True},
+}
+SIDES = (*OURS, "trainer", "floor", "trl", "gemm")
+
 
 # ----------------------------------------------------------------------------------------- shared by every side
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--vocab-size", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--query-len", type=int, default=16)
-    p.add_argument("--response-len", type=int, default=32)
-    p.add_argument("--mini-batch-size", type=int, default=8)
-    p.add_argument("--ppo-epochs", type=int, default=4)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="workload")
+    for name in ("n_layer", "n_embd", "n_head", "vocab_size", "batch_size", "query_len", "response_len",
+                 "mini_batch_size", "ppo_epochs", "threads"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=1e-4)
-    p.add_argument("--steps", type=int, default=10, help="measured PPO steps per run")
-    p.add_argument("--warmup", type=int, default=2, help="PPO steps dropped at the start of each run")
+    p.add_argument("--steps", type=int, default=None, help="measured PPO steps per side")
+    p.add_argument("--warmup", type=int, default=None, help="PPO steps dropped at the start of each side")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS / torch threads of every side")
+    p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--trl-python", default=None, help="python of a venv with TRL 0.11.4 (see the docstring)")
-    p.add_argument("--sides", default="floor,ours,trl", help="comma-separated subset of floor,ours,trl")
+    p.add_argument("--sides", default=None, help=f"comma-separated subset of {','.join(SIDES)}")
+    p.add_argument("--impl", default="trl", help=argparse.SUPPRESS)  # _trl_classic_ppo.py: trl | lit_vhead
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: run one side in this process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = [s for s in args.sides.split(",") if s and s not in SIDES]
+    if unknown:
+        p.error(f"unknown side(s) {unknown}; choose from {', '.join(SIDES)}")
+    return args
 
 
 def gpt2_config_kwargs(args) -> dict:
@@ -104,8 +144,28 @@ def build_id_tokenizer(vocab_size: int):
     )
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def device_of(args) -> str:
+    return "cuda" if args.accelerator == "gpu" else "cpu"
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def peak_memory() -> dict:
+    """Peak RSS of this process (and peak CUDA memory allocated, when CUDA was used), MiB."""
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def peak_rss_mib() -> float:  # kept for bench/_trl_classic_ppo.py
+    return peak_memory()["peak_rss_mib"]
 
 
 def emit(result: dict) -> None:
@@ -132,6 +192,7 @@ class StepGate:
 
 
 def _quiet() -> None:
+    import logging
     import warnings
 
     import transformers
@@ -139,22 +200,22 @@ def _quiet() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "torch._dynamo", "torch._inductor"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
-# ----------------------------------------------------------------------------------------- side: ours
-def run_ours(args) -> dict:
+# ----------------------------------------------------------------------------------------- side: ours (PPOModule)
+def run_ours(args, side: str) -> dict:
     import lightning as L
     import torch
     from torch.utils.data import DataLoader, Dataset, Sampler
 
     _quiet()
-    import logging
-
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-
     from lit_vhead.module import PPOModule
+    from lit_vhead.reference import ReferenceConfig
     from lit_vhead.rewards import FunctionReward, even_token_fraction
+
+    variant = OURS[side]
 
     class QueryRows(Dataset):
         """Index ``step * B + row`` -> row ``row`` of ``make_queries(seed, step)`` (an unbounded map-style set)."""
@@ -167,8 +228,7 @@ def run_ours(args) -> dict:
             return 2**62
 
     class StepSampler(Sampler[int]):
-        """The rows of one PPO step per epoch. A plain ``sampler`` (not a ``batch_sampler``): Lightning calls
-        ``set_epoch`` only on ``dataloader.sampler`` and ``dataloader.batch_sampler.sampler``."""
+        """The rows of one PPO step per epoch (Lightning calls ``set_epoch`` on ``dataloader.sampler``)."""
 
         def __init__(self) -> None:
             self.epoch = 0
@@ -213,12 +273,12 @@ def run_ours(args) -> dict:
                 expected = make_queries(
                     args.seed, trainer.current_epoch, args.batch_size, args.query_len, args.vocab_size
                 )
-                assert torch.equal(batch["query_ids"], expected), "queries differ from make_queries(seed, step)"
+                assert torch.equal(batch["query_ids"].cpu(), expected), "queries differ from make_queries(seed, step)"
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("time/ppo/")}
             self._record = {
-                "total": m["time/ppo/total"],
+                "total": m["time/ppo/total"] + m["time/ppo/generation"],
                 "generation": m["time/ppo/generation"],
                 "scoring": m["time/ppo/forward_pass"] + m["time/ppo/compute_rewards"],
                 "optimisation": m["time/ppo/optimize_step"],
@@ -229,12 +289,19 @@ def run_ours(args) -> dict:
             self._finish()
 
     torch.manual_seed(args.seed)
-    tokenizer = build_id_tokenizer(args.vocab_size)
+    ref = {
+        "shared": ReferenceConfig("shared", num_shared_layers=args.n_layer // 2),
+        "peft": ReferenceConfig("peft"),
+    }.get(variant.get("ref", "peft" if variant.get("peft") else "copy"), "copy")
+    peft = None
+    if variant.get("peft"):
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     module = PPOModule(
-        policy={"kind": "causal", "config": {"model_type": "gpt2", **gpt2_config_kwargs(args)}},
-        reward=FunctionReward(even_token_fraction),
-        tokenizer=tokenizer,
-        ref="copy",
+        {"kind": "causal", "config": {"model_type": "gpt2", **gpt2_config_kwargs(args)}},
+        build_id_tokenizer(args.vocab_size),
+        FunctionReward(even_token_fraction),
         ppo={
             "seed": args.seed,
             "steps": args.warmup + args.steps,
@@ -242,6 +309,8 @@ def run_ours(args) -> dict:
             "mini_batch_size": args.mini_batch_size,
             "ppo_epochs": args.ppo_epochs,
             "learning_rate": args.learning_rate,
+            "cpu_kernels": variant.get("cpu_kernels", True),
+            "compile": variant.get("compile", False),
             "generation": {
                 "max_new_tokens": args.response_len,
                 "min_new_tokens": args.response_len,
@@ -251,13 +320,16 @@ def run_ours(args) -> dict:
                 "stop_at_eos": False,
             },
         },
+        peft=peft,
+        ref=ref,
+        sample_table_every=0,
     )
-    timer = StepTimer(StepGate())
     trainer = L.Trainer(
         max_epochs=args.warmup + args.steps,
-        accelerator="cpu",
+        accelerator=args.accelerator,
         devices=1,
-        callbacks=[timer],
+        precision=variant.get("precision", "32-true"),
+        callbacks=[StepTimer(StepGate())],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -266,23 +338,32 @@ def run_ours(args) -> dict:
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=RandomQueryDataModule())
-    return {"side": "ours", "peak_rss_mib": peak_rss_mib()}
+    return {"side": side, **peak_memory()}
 
 
 # ----------------------------------------------------------------------------------------- side: floor
-def run_floor(args) -> dict:
+def build_floor(args):
+    """The floor's models and optimizer: bare GPT-2, a separate value head, a frozen full copy, Adam."""
     import copy
 
     import torch
     from torch import nn
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    _quiet()
+    device = device_of(args)
     torch.manual_seed(args.seed)
-    model = GPT2LMHeadModel(GPT2Config(**gpt2_config_kwargs(args))).eval()  # dropout off everywhere, as in PPO
-    v_head = nn.Linear(args.n_embd, 1)
+    model = GPT2LMHeadModel(GPT2Config(**gpt2_config_kwargs(args))).eval().to(device)  # dropout off, as in PPO
+    v_head = nn.Linear(args.n_embd, 1).to(device)
     reference = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.Adam([*model.parameters(), *v_head.parameters()], lr=args.learning_rate)
+    return model, v_head, reference, optimizer
+
+
+def floor_step(args, step: int, model, v_head, reference, optimizer) -> dict:
+    """One PPO step of unavoidable work; returns its timings."""
+    import torch
+
+    device = device_of(args)
     q_len, r_len, bs, mbs = args.query_len, args.response_len, args.batch_size, args.mini_batch_size
     span = slice(q_len - 1, q_len + r_len - 1)  # positions whose next token is a response token
 
@@ -292,82 +373,156 @@ def run_floor(args) -> dict:
         logprobs = lm.lm_head(hidden).log_softmax(-1).gather(-1, seq[:, q_len:, None]).squeeze(-1)
         return logprobs, (head(hidden).squeeze(-1) if head is not None else None)
 
+    queries = make_queries(args.seed, step, bs, q_len, args.vocab_size).to(device)
+    torch.manual_seed(args.seed + step)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        seq = model.generate(
+            input_ids=queries,
+            attention_mask=torch.ones_like(queries),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=r_len,
+            min_new_tokens=r_len,
+            pad_token_id=0,
+            eos_token_id=None,
+            use_cache=True,
+        )
+    synchronize(device)
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        old = [score(model, v_head, seq[b : b + mbs]) for b in range(0, bs, mbs)]  # TRL's forward batch size
+        ref = [score(reference, None, seq[b : b + mbs])[0] for b in range(0, bs, mbs)]
+        old_logprobs, old_values = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])
+        ref_logprobs = torch.cat(ref)
+        scores = (seq[:, q_len:] % 2 == 0).float().mean(1)
+        rewards = -0.2 * (old_logprobs - ref_logprobs)
+        rewards[:, -1] += scores
+        returns = rewards.flip(1).cumsum(1).flip(1)
+        advantages = returns - old_values
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    synchronize(device)
+    t2 = time.perf_counter()
+    for _ in range(args.ppo_epochs):
+        order = torch.randperm(bs, device=device)
+        for begin in range(0, bs, mbs):
+            idx = order[begin : begin + mbs]
+            logprobs, values = score(model, v_head, seq[idx])
+            ratio = (logprobs - old_logprobs[idx]).exp()
+            adv = advantages[idx]
+            pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
+            vf_loss = 0.5 * (values - returns[idx]).square().mean()
+            (pg_loss + 0.1 * vf_loss).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    reward = float(scores.mean())  # a host sync
+    t3 = time.perf_counter()
+    return {"wall": t3 - t0, "total": t3 - t0, "generation": t1 - t0, "scoring": t2 - t1, "optimisation": t3 - t2,
+            "reward": reward}
+
+
+def run_floor(args) -> dict:
+    _quiet()
+    parts = build_floor(args)
     gate = StepGate()
     for step in range(args.warmup + args.steps):
-        queries = make_queries(args.seed, step, bs, q_len, args.vocab_size)
-        torch.manual_seed(args.seed + step)
         gate.wait()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            seq = model.generate(
-                input_ids=queries,
-                attention_mask=torch.ones_like(queries),
-                do_sample=True,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=r_len,
-                min_new_tokens=r_len,
-                pad_token_id=0,
-                eos_token_id=None,
-                use_cache=True,
-            )
-        t1 = time.perf_counter()
-        with torch.no_grad():
-            old_logprobs, old_values = score(model, v_head, seq)
-            ref_logprobs, _ = score(reference, None, seq)
-            scores = (seq[:, q_len:] % 2 == 0).float().mean(1)
-            rewards = -0.2 * (old_logprobs - ref_logprobs)
-            rewards[:, -1] += scores
-            returns = rewards.flip(1).cumsum(1).flip(1)
-            advantages = returns - old_values
-            advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-        t2 = time.perf_counter()
-        for _ in range(args.ppo_epochs):
-            order = torch.randperm(bs)
-            for begin in range(0, bs, mbs):
-                idx = order[begin : begin + mbs]
-                logprobs, values = score(model, v_head, seq[idx])
-                ratio = (logprobs - old_logprobs[idx]).exp()
-                adv = advantages[idx]
-                pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)).mean()
-                vf_loss = 0.5 * (values - returns[idx]).square().mean()
-                (pg_loss + 0.1 * vf_loss).backward()
-                optimizer.step()
-                optimizer.zero_grad()
-        t3 = time.perf_counter()
-        gate.done(
-            {
-                "wall": t3 - t0,
-                "total": t3 - t0,
-                "generation": t1 - t0,
-                "scoring": t2 - t1,
-                "optimisation": t3 - t2,
-                "reward": float(scores.mean()),
-            }
-        )
-    return {"side": "floor", "peak_rss_mib": peak_rss_mib()}
+        gate.done(floor_step(args, step, *parts))
+    return {"side": "floor", **peak_memory()}
+
+
+# ----------------------------------------------------------------------------------------- side: gemm (the limit)
+def record_gemms(args) -> dict:
+    """Every GEMM of one floor step: ``{(op, shapes, transposed operands): count}``."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: dict = {}
+    ops = {torch.ops.aten.mm.default: "mm", torch.ops.aten.addmm.default: "addmm", torch.ops.aten.bmm.default: "bmm"}
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args_=(), kwargs=None):
+            if func in ops:
+                a, b = (args_[1], args_[2]) if ops[func] == "addmm" else (args_[0], args_[1])
+                key = (ops[func], tuple(a.shape), tuple(b.shape), a.stride(-2) == 1, b.stride(-2) == 1)
+                counts[key] = counts.get(key, 0) + 1
+            return func(*args_, **(kwargs or {}))
+
+    parts = build_floor(args)
+    floor_step(args, 0, *parts)  # warm (lazy inits), then record a step
+    with Recorder():
+        floor_step(args, 1, *parts)
+    return counts
+
+
+def gemm_flops(key) -> int:
+    op, a, b = key[:3]
+    return 2 * a[-2] * a[-1] * b[-1] * (a[0] if op == "bmm" else 1)
+
+
+def run_gemm(args) -> dict:
+    import torch
+
+    _quiet()
+    device = device_of(args)
+    counts = record_gemms(args)
+    onednn = device == "cpu" and __import__("lit_vhead.kernels", fromlist=["x"]).onednn_available()
+
+    def operand(shape, transposed):
+        if not transposed:
+            return torch.randn(*shape, device=device)
+        return torch.randn(*shape[:-2], shape[-1], shape[-2], device=device).transpose(-1, -2)
+
+    cases = []
+    for key, count in counts.items():
+        op, a_shape, b_shape, a_t, b_t = key
+        a, b = operand(a_shape, a_t), operand(b_shape, b_t)
+        bias = torch.randn(b_shape[-1], device=device)
+        plain = {"mm": lambda a=a, b=b: torch.mm(a, b), "bmm": lambda a=a, b=b: torch.bmm(a, b),
+                 "addmm": lambda a=a, b=b, c=bias: torch.addmm(c, a, b)}[op]
+        fast = None
+        if onednn and op != "bmm":
+            from lit_vhead.kernels import _onednn_linear
+
+            fast = lambda a=a, b=b, c=(bias if op == "addmm" else None): _onednn_linear(a, b.t(), c)  # noqa: E731
+        cases.append((count, plain, fast))
+
+    def timed(fn, reps: int = 3) -> float:
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    for _, plain, fast in cases:  # warm up the kernels (and oneDNN's primitive cache)
+        plain(), fast and fast()
+    flops = sum(gemm_flops(k) * c for k, c in counts.items())
+    gate = StepGate()
+    for _ in range(args.warmup + args.steps):
+        gate.wait()
+        t_plain = sum(count * timed(plain) for count, plain, _ in cases)
+        t_fast = sum(count * timed(fast if fast else plain) for count, _, fast in cases)
+        best = min(t_plain, t_fast)
+        gate.done({"wall": best, "total": best, "generation": 0.0, "scoring": 0.0, "optimisation": best,
+                   "reward": float("nan"), "gemm_plain_s": t_plain, "gemm_onednn_s": t_fast if onednn else None,
+                   "gflop": flops / 1e9})
+    return {"side": "gemm", "gemm_gflop": flops / 1e9, "distinct_gemms": len(counts),
+            "gemm_calls": sum(counts.values()), "onednn": onednn, **peak_memory()}
 
 
 # ----------------------------------------------------------------------------------------- orchestration
 def child_command(args, side: str) -> list[str]:
-    flags = [
-        f"--n-layer={args.n_layer}",
-        f"--n-embd={args.n_embd}",
-        f"--n-head={args.n_head}",
-        f"--vocab-size={args.vocab_size}",
-        f"--batch-size={args.batch_size}",
-        f"--query-len={args.query_len}",
-        f"--response-len={args.response_len}",
-        f"--mini-batch-size={args.mini_batch_size}",
-        f"--ppo-epochs={args.ppo_epochs}",
-        f"--learning-rate={args.learning_rate}",
-        f"--steps={args.steps}",
-        f"--warmup={args.warmup}",
-        f"--seed={args.seed}",
-        f"--threads={args.threads}",
-    ]
+    flags = [f"--preset={args.preset}", f"--accelerator={args.accelerator}", f"--sides={args.sides}"]
+    for name in ("n_layer", "n_embd", "n_head", "vocab_size", "batch_size", "query_len", "response_len",
+                 "mini_batch_size", "ppo_epochs", "learning_rate", "steps", "warmup", "seed", "threads"):
+        flags.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
     if side == "trl":
         return [args.trl_python, str(HERE / "_trl_classic_ppo.py"), *flags]
+    if side == "trainer":
+        return [sys.executable, str(HERE / "_trl_classic_ppo.py"), "--impl=lit_vhead", *flags]
     return [sys.executable, str(Path(__file__).resolve()), f"--side={side}", *flags]
 
 
@@ -424,13 +579,88 @@ class Child:
         return result
 
 
-def summarise(steps: list[dict], peak_rss: float) -> dict:
-    out = {"n": len(steps), "peak_rss_mib": round(peak_rss, 1)}
+def summarise(steps: list[dict], first: dict, result: dict) -> dict:
+    out = {"n": len(steps), "first_wall": round(first["wall"], 4)}
+    out.update({k: round(v, 1) for k, v in result.items() if k.startswith("peak_")})
     for key in ("wall", "total", *PARTS):
         values = [s[key] for s in steps]
         out[key] = {"median": round(statistics.median(values), 4), "min": round(min(values), 4)}
     out["reward_first_last"] = [round(steps[0]["reward"], 3), round(steps[-1]["reward"], 3)]
+    for key in ("gemm_plain_s", "gemm_onednn_s"):
+        values = [s[key] for s in steps if s.get(key) is not None]
+        if values:
+            out[key] = round(statistics.median(values), 4)
+    for key in ("gemm_gflop", "distinct_gemms", "gemm_calls"):
+        if key in result:
+            out[key] = result[key]
     return out
+
+
+def ratios_of(summary: dict, measured: dict) -> dict:
+    """Speed and memory ratios: every lit_vhead side against trl, floor, ours and the GEMM limit."""
+    ratios: dict = {}
+    mine = [s for s in summary if s in OURS or s == "trainer"]
+
+    def paired(a: str, b: str) -> float:
+        return round(statistics.median(x["wall"] / y["wall"] for x, y in zip(measured[a], measured[b])), 3)
+
+    for side in mine:
+        wall = summary[side]["wall"]["median"]
+        if "trl" in summary:
+            ratios[f"trl/{side}"] = round(summary["trl"]["wall"]["median"] / wall, 3)
+            ratios[f"trl/{side}_paired"] = round(1 / paired(side, "trl"), 3)
+            ratios[f"{side}/trl_peak_rss"] = round(summary[side]["peak_rss_mib"] / summary["trl"]["peak_rss_mib"], 3)
+        if "floor" in summary:
+            ratios[f"{side}/floor"] = round(wall / summary["floor"]["wall"]["median"], 3)
+        if "gemm" in summary:
+            ratios[f"{side}/limit"] = round(wall / summary["gemm"]["wall"]["median"], 3)
+            ratios[f"{side}/limit_plain_sgemm"] = round(wall / summary["gemm"]["gemm_plain_s"], 3)
+        if side != "ours" and "ours" in summary:
+            ratios[f"ours/{side}"] = round(summary["ours"]["wall"]["median"] / wall, 3)
+            ratios[f"ours/{side}_paired"] = round(1 / paired(side, "ours"), 3)
+    if "trl" in summary and "floor" in summary:
+        ratios["trl/floor"] = round(summary["trl"]["wall"]["median"] / summary["floor"]["wall"]["median"], 3)
+    if "compile" in summary and "ours" in summary:
+        eager, compiled = summary["ours"]["wall"]["median"], summary["compile"]["wall"]["median"]
+        compile_s = summary["compile"]["first_wall"] - summary["ours"]["first_wall"]
+        ratios["compile_time_s"] = round(compile_s, 2)
+        ratios["compile_break_even_steps"] = round(compile_s / (eager - compiled), 1) if eager > compiled else None
+    return ratios
+
+
+def print_report(args, sides: list[str], summary: dict, ratios: dict) -> None:
+    print(
+        f"\nPPO step, GPT-2 {args.n_layer}x{args.n_embd} vocab {args.vocab_size}, batch {args.batch_size}, "
+        f"{args.query_len}+{args.response_len} tokens, mini-batch {args.mini_batch_size}, {args.ppo_epochs} epochs; "
+        f"{args.steps} steps (+{args.warmup} warm-up) per side, interleaved, {args.threads} thread(s), "
+        f"{args.accelerator}"
+    )
+    cuda = any("peak_cuda_mib" in summary[s] for s in sides)
+    header = (f"{'side':8s} {'wall med':>9s} {'wall min':>9s} {'first':>8s} {'gen med':>8s} {'score med':>9s} "
+              f"{'optim med':>9s} {'peak RSS':>9s}" + (f" {'peak CUDA':>10s}" if cuda else ""))
+    print(header)
+    print("-" * len(header))
+    for s in sides:
+        x = summary[s]
+        parts = "        -         -         -" if s == "gemm" else (
+            f"{x['generation']['median']:8.3f} {x['scoring']['median']:9.3f} {x['optimisation']['median']:9.3f}")
+        line = (f"{s:8s} {x['wall']['median']:9.3f} {x['wall']['min']:9.3f} {x['first_wall']:8.2f} {parts} "
+                f"{x['peak_rss_mib']:6.0f}MiB")
+        if cuda:
+            line += f" {x.get('peak_cuda_mib', float('nan')):7.0f}MiB"
+        print(line)
+    if "gemm" in summary:
+        g = summary["gemm"]
+        rates = f"PyTorch fp32 ({'MKL sgemm' if args.accelerator == 'cpu' else 'cuBLAS'}) {g['gemm_plain_s']:.3f} s = " \
+                f"{g['gemm_gflop'] / g['gemm_plain_s']:.0f} GFLOP/s"
+        if g.get("gemm_onednn_s") is not None:
+            rates += f", oneDNN {g['gemm_onednn_s']:.3f} s = {g['gemm_gflop'] / g['gemm_onednn_s']:.0f} GFLOP/s"
+        print(f"gemm: the step's {g['gemm_calls']} GEMMs ({g['distinct_gemms']} shapes, {g['gemm_gflop']:.1f} GFLOP) "
+              f"alone: {rates}")
+    for key, value in ratios.items():
+        if not key.endswith("_paired"):
+            paired = ratios.get(key + "_paired")
+            print(f"{key:28s} {value}" + (f"   (median of per-step ratios {paired})" if paired is not None else ""))
 
 
 def main() -> None:
@@ -439,7 +669,8 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-        emit({"ours": run_ours, "floor": run_floor}[args.side](args))
+        runner = {"floor": run_floor, "gemm": run_gemm}.get(args.side)
+        emit(runner(args) if runner else run_ours(args, args.side))
         return
 
     import tempfile
@@ -462,63 +693,18 @@ def main() -> None:
     results = {side: children[side].finish() for side in sides}
     shutil.rmtree(log_dir, ignore_errors=True)  # the children's stderr, kept only when a side fails
     measured = {side: children[side].steps[args.warmup :] for side in sides}
-    summary = {side: summarise(measured[side], results[side]["peak_rss_mib"]) for side in sides}
-
-    print(
-        f"\nPPO step, GPT-2 {args.n_layer}x{args.n_embd} vocab {args.vocab_size}, batch {args.batch_size}, "
-        f"{args.query_len}+{args.response_len} tokens, mini-batch {args.mini_batch_size}, {args.ppo_epochs} epochs; "
-        f"{args.steps} steps (+{args.warmup} warm-up) per side, interleaved, OMP_NUM_THREADS={args.threads}"
-    )
-    header = (
-        f"{'side':6s} {'wall med':>9s} {'wall min':>9s} {'gen med':>8s} {'score med':>9s} {'optim med':>9s} "
-        f"{'peak RSS':>9s}"
-    )
-    print(header)
-    print("-" * len(header))
-    for s in sides:
-        x = summary[s]
-        print(
-            f"{s:6s} {x['wall']['median']:9.3f} {x['wall']['min']:9.3f} {x['generation']['median']:8.3f} "
-            f"{x['scoring']['median']:9.3f} {x['optimisation']['median']:9.3f} {x['peak_rss_mib']:7.0f}MiB"
-        )
-    ratios = {}
-    if "ours" in summary:
-        ours = summary["ours"]
-        print(
-            f"(ours: module-logged time/ppo/total median {ours['total']['median']:.3f} s, min "
-            f"{ours['total']['min']:.3f} s; wall adds the Lightning loop, data and logging)"
-        )
-        for other in ("floor", "trl"):
-            if other in summary:
-                for stat in ("median", "min"):
-                    ratios[f"ours/{other}_{stat}"] = round(ours["wall"][stat] / summary[other]["wall"][stat], 3)
-                other_median = summary[other]["wall"]["median"]
-                ratios[f"ours_total/{other}_median"] = round(ours["total"]["median"] / other_median, 3)
-                paired = [o["wall"] / t["wall"] for o, t in zip(measured["ours"], measured[other])]
-                ratios[f"ours/{other}_paired_median"] = round(statistics.median(paired), 3)
-        for other in ("floor", "trl"):
-            if other in summary:
-                print(
-                    f"ours / {other}: {ratios[f'ours/{other}_median']:.3f}x (medians), "
-                    f"{ratios[f'ours/{other}_min']:.3f}x (mins), "
-                    f"{ratios[f'ours/{other}_paired_median']:.3f}x (median of per-step ratios)"
-                )
-    if "trl" in summary and "floor" in summary:
-        ratios["trl/floor_median"] = round(summary["trl"]["wall"]["median"] / summary["floor"]["wall"]["median"], 3)
-        print(f"trl / floor: {ratios['trl/floor_median']:.3f}x (medians)")
+    summary = {side: summarise(measured[side], children[side].steps[0], results[side]) for side in sides}
+    ratios = ratios_of(summary, measured)
+    print_report(args, sides, summary, ratios)
     print(
         json.dumps(
             {
                 "bench": "ppo_step",
-                "workload": {k: v for k, v in vars(args).items() if k not in ("side", "trl_python", "sides")},
+                "workload": {k: v for k, v in vars(args).items() if k not in ("side", "trl_python", "impl")},
                 "trl_python": args.trl_python,
                 "unit": "seconds per PPO step",
                 "sides": summary,
                 "ratios": ratios,
-                "targets": {
-                    "ours/floor_median<=1.15": ratios.get("ours/floor_median", float("nan")) <= 1.15,
-                    "ours/trl_median<1": ratios.get("ours/trl_median", float("nan")) < 1.0,
-                },
             }
         )
     )

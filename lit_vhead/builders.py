@@ -41,8 +41,10 @@ def value_head_class(kind: str):
     return VALUE_HEAD_CLASSES[kind]
 
 
-def check_model_source(model_cfg: Mapping) -> None:
-    """Fail fast (before any model is built) when ``name_or_path`` cannot be found offline."""
+def check_model_source(model_cfg: Mapping, key: str = "model.name_or_path") -> None:
+    """Fail fast (before any model is built) when ``name_or_path`` cannot be found: not a local dir, not in the HF
+    cache, and the hub offline (``HF_HUB_OFFLINE``) or out of reach (one quick request, instead of transformers'
+    retries). ``key`` names the setting in the error."""
     source = model_cfg.get("name_or_path")
     if source is None:
         if not model_cfg.get("config"):
@@ -50,24 +52,46 @@ def check_model_source(model_cfg: Mapping) -> None:
         return
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
-            f"model.name_or_path must be a local directory or a hub id (a string), got {type(source).__name__}; "
+            f"{key} must be a local directory or a hub id (a string), got {type(source).__name__}; "
             "pass model objects to PPOModule(policy=...) directly."
         )
     source = os.fspath(source)
     if os.path.isdir(source):
         return
     if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path, not a hub id
-        raise ModelNotFoundError(f"model.name_or_path={source!r}: no such directory.")
+        raise ModelNotFoundError(f"{key}={source!r}: no such directory.")
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(source, "config.json")
     if isinstance(cached, str):
         return
+    fix = (
+        f"download it once where there is network (hf download {source}) and point at it with {key}=<local dir>; "
+        "with HF_HUB_OFFLINE=1 a run never tries the network"
+    )
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise ModelNotFoundError(f"{key}={source!r} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {fix}.")
+    unreachable = _hub_unreachable(source)
+    if unreachable:
         raise ModelNotFoundError(
-            f"model.name_or_path={source!r} is not in the Hugging Face cache and the hub is offline: download it "
-            f"once (huggingface-cli download {source}) or point at a local checkpoint with model.name_or_path=<dir>."
+            f"{key}={source!r} is not in the Hugging Face cache and the hub cannot be reached ({unreachable}): {fix}."
         )
+
+
+def _hub_unreachable(repo_id: str, timeout: float = 10.0) -> str | None:
+    """Why the hub cannot serve ``repo_id`` (one request, no retries), or None when it can (or answers otherwise)."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+
+    try:
+        model_info(repo_id, timeout=timeout)
+    except (RepositoryNotFoundError, HFValidationError):
+        return "no such model on the hub, or it needs a token: hf auth login"
+    except HfHubHTTPError:
+        return None  # the hub answered: let transformers report what it says
+    except Exception as err:  # DNS, refused, timeout, proxy: whatever the HTTP client raises, the hub is out of reach
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def model_config_of(model_cfg: Mapping):

@@ -165,7 +165,7 @@ class RewardModel(RewardSource):
                 )
             self.name = f"reward model {type(model).__name__}"
         else:
-            check_model_source({"name_or_path": name_or_path})
+            check_model_source({"name_or_path": name_or_path}, key="reward.name_or_path")
             self.name = f"reward model {name_or_path!r}"
         self.name_or_path, self.label_index, self.batch_size, self.max_length = (
             name_or_path, label_index, batch_size, max_length,
@@ -200,12 +200,16 @@ class RewardModel(RewardSource):
 
     @torch.no_grad()
     def compute(self, inputs: RewardInputs) -> torch.Tensor:
+        """Scores of prompt + response texts, right-padded whatever the tokenizer's ``padding_side``: each text then
+        keeps the positions it has alone, so a sample scores the same alone or in any batch (also for causal reward
+        models with absolute positions, e.g. GPT-2, whose tokenizers are often set to pad on the left)."""
         texts = [p + r for p, r in zip(inputs.prompts, inputs.responses)]
         scores = []
         for start in range(0, len(texts), self.batch_size):
             enc = self.tokenizer(
                 texts[start : start + self.batch_size],
                 padding=True,
+                padding_side="right",
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",
@@ -217,16 +221,18 @@ class RewardModel(RewardSource):
 class RewardAdapter(RewardSource):
     """A reward LoRA on the policy's own base model (TRL's ``reward_adapter`` + ``compute_reward_score``).
 
-    The policy is built with this adapter loaded (``adapter_path``), so no second model is held in memory.
+    The policy is built with this adapter loaded (``adapter_path``), so no second model is held in memory. Scores are
+    read at each sample's last real token, with ``position_ids`` counted from the attention mask: a sample scores the
+    same alone, right-padded or left-padded in any PPO batch, as the adapter scored in training.
     """
 
-    def __init__(self, adapter_path: str, adapter_name: str = "reward_adapter", label_index: int = 0) -> None:
+    def __init__(self, adapter_path: str, label_index: int = 0) -> None:
         if not os.path.exists(os.path.join(adapter_path, "adapter_config.json")):
             raise FileNotFoundError(
                 f"reward.adapter_path={adapter_path!r} has no adapter_config.json; point it at a saved "
                 "sequence-classification LoRA adapter."
             )
-        self.adapter_path, self.adapter_name, self.label_index = adapter_path, adapter_name, label_index
+        self.adapter_path, self.label_index = adapter_path, label_index
         self.name = f"reward adapter {adapter_path!r}"
         self.policy = None
 
@@ -236,10 +242,14 @@ class RewardAdapter(RewardSource):
         self.policy = policy
 
     def compute(self, inputs: RewardInputs) -> torch.Tensor:
-        from lit_vhead.value_head import gather_last
+        from lit_vhead.value_head import gather_last, position_ids_from_mask
 
-        scores = self.policy.compute_reward_score(inputs.input_ids, inputs.attention_mask)
-        return gather_last(scores[..., self.label_index], inputs.attention_mask).float().cpu()
+        mask = inputs.attention_mask
+        extra = {}
+        if not self.policy.config.is_encoder_decoder:
+            extra["position_ids"] = position_ids_from_mask(mask)
+        scores = self.policy.compute_reward_score(inputs.input_ids, mask, **extra)
+        return gather_last(scores[..., self.label_index], mask).float().cpu()
 
 
 def as_reward_source(reward: Any) -> RewardSource:

@@ -40,8 +40,10 @@ class _DropLightningTips(logging.Filter):
         return "litlogger" not in str(record.msg)
 
 
-# Third-party noise that tells the user nothing, on every run: Lightning's own use of a deprecated torch API, and the tip.
+# Third-party noise that tells the user nothing: Lightning's and peft's own uses of deprecated torch/transformers
+# APIs, and Lightning's tip.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 
 
@@ -197,7 +199,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     environ = dict(os.environ)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            if ckpt_path is not None:  # resuming into the run's own checkpoints/ is the point, not a mistake
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         _end_distributed(environ)
 

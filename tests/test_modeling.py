@@ -1,5 +1,5 @@
 """Value-head models and checkpoints: every tiny architecture, TRL 0.29.1 compatibility both ways, PEFT, the reward
-adapter, and each TRL bug that lit_vhead fixes (see /work/shared/docs/trl-value-head-spec.md §2 and §4)."""
+adapter, and each TRL bug that lit_vhead fixes (see ../shared/docs/trl-value-head-spec.md §2 and §4)."""
 
 from __future__ import annotations
 
@@ -846,3 +846,28 @@ def test_reward_adapter_whose_shapes_do_not_fit_gives_one_line(tiny_dirs, reward
     message = str(info.value)
     assert "\n" not in message and "does not fit the policy" in message and "size mismatch" in message
     assert f"trained on base '{tiny_dirs['gpt2']}'" in message
+
+
+# ---------------------------------------------------------------------------------------------------- one forward path
+def test_ppo_passes_and_public_forward_share_one_path(monkeypatch):
+    """PPO's log-prob/value pass (``rollout.forward``) and ``forward`` both run ``forward_with_values``: a change to
+    it (masking, upcasting) reaches both, and they agree."""
+    from lit_vhead.rollout import Rollout
+    from lit_vhead.rollout import forward as ppo_forward
+
+    model = CLM(tiny_hf_model("gpt2")).eval()
+    calls = []
+    original = CLM.forward_with_values
+    monkeypatch.setattr(CLM, "forward_with_values", lambda self, **kw: calls.append(1) or original(self, **kw))
+    g = torch.Generator().manual_seed(0)
+    query, response = torch.randint(3, VOCAB, (2, 4), generator=g), torch.randint(3, VOCAB, (2, 3), generator=g)
+    query_mask, response_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    rollout = Rollout(query, query_mask, response, response_mask)
+    with torch.no_grad():
+        ppo = ppo_forward(model, rollout)
+        ids, mask = rollout.full_sequence()
+        logits, _, values = model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0))
+    assert len(calls) == 2
+    torch.testing.assert_close(ppo.values, values[:, 3:-1])  # the value of the state before each response token
+    torch.testing.assert_close(ppo.logits, logits[:, 3:-1])
+    assert values[0, 0] == 0 and values[0, 6] == 0  # padding on both sides of row 0 is masked

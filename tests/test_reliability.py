@@ -96,7 +96,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
 def test_nan_loss_mid_run_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = compose(FAST + ["callbacks=default", "callbacks.progress_bar=null",
                           "callbacks.model_checkpoint.every_n_epochs=1", "reward=function",
-                          "reward.fn._target_=tests_rewards.explodes_after_two_calls"], tmp_path)
+                          "reward.fn._target_=helpers_rewards.explodes_after_two_calls"], tmp_path)
     with pytest.raises(FloatingPointError, match="PPO step 2.*last checkpoint is intact"):
         train(cfg)
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
@@ -107,7 +107,7 @@ def test_nan_loss_mid_run_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_p
 def test_reward_that_fails_names_the_reward_source(tmp_path, bad):
     from lit_vhead.rewards import RewardError
 
-    target = {"nan": "tests_rewards.nan_for_the_first", "raise": "tests_rewards.raises"}[bad]
+    target = {"nan": "helpers_rewards.nan_for_the_first", "raise": "helpers_rewards.raises"}[bad]
     with pytest.raises(RewardError, match=target.replace(".", r"\.")):
         train(compose(FAST + ["reward=function", f"reward.fn._target_={target}"], tmp_path))
 

@@ -5,6 +5,7 @@ import csv
 import os
 import subprocess
 import sys
+import warnings
 
 import lightning as L
 import pytest
@@ -16,6 +17,7 @@ from omegaconf.errors import ValidationError
 import lit_vhead.module
 from lit_vhead import AutoModelForCausalLMWithValueHead
 from lit_vhead.builders import ModelNotFoundError
+from lit_vhead.ppo import KL_PENALTY_KINDS
 from lit_vhead.rewards import RewardError
 from lit_vhead.train import train
 
@@ -31,8 +33,9 @@ def read_csv(run_dir):
         return list(csv.DictReader(f))
 
 
-def run_cli(args, cwd, env_extra=None, timeout=300):
+def run_cli(args, cwd, env_extra=None, timeout=300, unset=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env_extra or {})}
+    env = {k: v for k, v in env.items() if k not in unset}
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
@@ -61,16 +64,31 @@ def fit_with(cfg, extra_callbacks):
         lit_vhead.train._instantiate_dict = original
 
 
+# Third-party console output that tells a user of `python train.py` nothing (issue 11, item 6).
+NOISE = ["litlogger", "anonymous setting", "LeafSpec", "Writing model shards", "Loading weights", "LOAD REPORT",
+         "Previous log files", "\x1b["]
+
+
 @pytest.mark.slow
 def test_default_cli_learns_and_saves_a_loadable_policy(tmp_path):
-    """`python train.py`, as the README runs it: offline, PPO visibly learns, the policy is saved with its head."""
+    """`python train.py`, as the README runs it: offline, PPO visibly learns, the policy is saved with its head, and
+    the run ends with one line saying so, with no third-party noise."""
     result = run_cli([f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"Run outputs: {tmp_path}" in result.stdout
     rewards = [float(r["env/reward_mean"]) for r in read_csv(tmp_path)]
     assert len(rewards) == 100
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last > first + 0.5, (first, last)
+    summary = result.stdout.strip().splitlines()[-1]
+    final_kl = float(read_csv(tmp_path)[-1]["objective/kl"])
+    assert summary == (
+        f"Done: 100 PPO steps, env/reward_mean {first:.4g} -> {last:.4g} (mean of the first/last 10), final "
+        f"objective/kl {final_kl:.4g}. Outputs in {tmp_path}: policy/, csv/metrics.csv, curves.png, checkpoints/, "
+        "wandb/, metrics.json"
+    )
+    output = result.stdout + result.stderr
+    assert [noise for noise in NOISE if noise in output] == []
+    assert not (tmp_path / "train.log").exists()  # Hydra's job log stayed empty: not written at all
     policy = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "policy")
     assert policy.v_head.summary.weight.shape == (1, 64)
     assert (tmp_path / "curves.png").stat().st_size > 1000
@@ -92,14 +110,36 @@ def test_seq2seq_ppo_runs_from_the_cli(tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_real_checkpoint_gives_one_error_line(tmp_path):
-    result = run_cli(["model=gpt2", "head.init=normal", f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
-                     env_extra={"HF_HOME": str(tmp_path / "empty_hf_home")})
+def test_missing_real_checkpoint_without_network_gives_one_error_line(tmp_path):
+    """`python train.py model=gpt2 head.init=normal` on a machine without network and WITHOUT HF_HUB_OFFLINE: one
+    `Error:` line naming the fixes, no traceback, no retry logs, and no run dir left behind. HF_ENDPOINT points at
+    a closed local port, so the hub is out of reach on any machine."""
+    result = run_cli(["model=gpt2", "head.init=normal", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                     env_extra={"HF_HOME": str(tmp_path / "empty_hf_home"), "HF_ENDPOINT": "http://127.0.0.1:9"},
+                     unset=("HF_HUB_OFFLINE",))
     assert result.returncode == 1
-    output = result.stdout + result.stderr
-    assert "Traceback" not in output
-    error_lines = [line for line in output.splitlines() if line.startswith("Error:")]
-    assert len(error_lines) == 1 and "model.name_or_path=<dir>" in error_lines[0]
+    output = (result.stdout + result.stderr).strip().splitlines()
+    assert "Traceback" not in "\n".join(output) and len(output) <= 15, output
+    error_lines = [line for line in output if line.startswith("Error:")]
+    assert len(error_lines) == 1, output
+    assert "model.name_or_path=<local dir>" in error_lines[0] and "HF_HUB_OFFLINE" in error_lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_command_that_fails_validation_leaves_no_run_dir(tmp_path):
+    result = run_cli(["ppo.batch_size=10", "ppo.mini_batch_size=4"], cwd=tmp_path)
+    assert result.returncode == 1 and "Error: ppo.batch_size=10" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # not even outputs/ppo/runs/
+
+
+@pytest.mark.slow
+def test_help_describes_the_project_and_offers_only_real_options(tmp_path):
+    result = run_cli(["--help"], cwd=tmp_path)
+    assert result.returncode == 0
+    assert "TRL's value-head models and TRL-classic PPO" in result.stdout
+    groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert "head: default\n" in groups and "ppo: default\n" in groups and "schema" not in groups
 
 
 def test_logs_trl_metric_names_every_ppo_step(tmp_path):
@@ -159,16 +199,20 @@ def test_resume_restores_policy_and_never_rebuilds_the_reference_from_it(tmp_pat
     lit_vhead.module.PPOModule.on_train_end = lambda module: captured.setdefault("module", module)
     try:
         resumed = compose(FAST + ["callbacks=default", "ppo.steps=6", "ckpt_path=last"], tmp_path)
-        train(resumed)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train(resumed)
     finally:
         lit_vhead.module.PPOModule.on_train_end = original
     module = captured["module"]
     reference = module.reference.model.state_dict()
     assert all(torch.equal(reference[k], recorder.initial[k]) for k in reference)
     assert [int(float(r["ppo/step"])) for r in read_csv(tmp_path)] == [0, 1, 2, 3, 4, 5]  # history kept on resume
+    false_alarms = ("Previous log files", "exists and is not empty")  # nothing is deleted on resume
+    assert not [str(w.message) for w in caught if any(alarm in str(w.message) for alarm in false_alarms)]
 
 
-@pytest.mark.parametrize("kind", ["kl", "abs", "mse", "full", "k3"])
+@pytest.mark.parametrize("kind", KL_PENALTY_KINDS)
 def test_every_kl_estimator_trains(tmp_path, kind):
     metrics = train(compose(FAST + [f"ppo.kl_penalty={kind}", "ppo.steps=2"], tmp_path))
     assert torch.isfinite(torch.tensor(metrics["objective/kl"]))
@@ -190,23 +234,51 @@ def test_reward_model_from_a_local_dir(tmp_path, byt5):
     assert metrics["env/reward_std"] > 0
 
 
-def test_reward_adapter_on_the_same_base(tmp_path):
+def save_reward_adapter(base_dir, adapter_dir) -> None:
+    """A sequence-classification LoRA trained (here: initialised) on the base saved in ``base_dir``."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
+
+    rm = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
+    get_peft_model(rm, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn"])).save_pretrained(adapter_dir)
+
+
+def test_reward_adapter_on_the_same_base(tmp_path, recwarn):
+    """The README recipe: the policy is built from the base the reward adapter was trained on."""
+    from lit_vhead.builders import build_policy
+
+    default_model = compose(FAST, tmp_path / "probe").model  # the default tiny-gpt2's architecture
+    build_policy(default_model).pretrained_model.save_pretrained(tmp_path / "base")
+    save_reward_adapter(tmp_path / "base", tmp_path / "reward_adapter")
+    metrics = train(compose(FAST + ["peft=lora", "peft.target_modules=[c_attn]", "reward=adapter",
+                                    f"reward.adapter_path={tmp_path / 'reward_adapter'}",
+                                    f"model.name_or_path={tmp_path / 'base'}"], tmp_path / "run"))
+    assert metrics["env/reward_std"] > 0
+    assert not [w for w in recwarn if "reward adapter" in str(w.message)]  # its own base: nothing to warn about
+
+
+def test_reward_adapter_of_another_base_warns_and_one_that_does_not_fit_fails(tmp_path):
+    """The README recipe without model.name_or_path: the adapter would land on a random tiny model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from conftest import TINY_CONFIGS
 
-    cfg_model = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 4, "n_positions": 256,
-                 "vocab_size": 259, "pad_token_id": 0}
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_config(AutoConfig.for_model(**cfg_model, num_labels=1))
-    rm = get_peft_model(rm, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["c_attn"]))
-    adapter_dir = tmp_path / "reward_adapter"
-    rm.save_pretrained(adapter_dir)
-    assert TINY_CONFIGS  # the policy below is the default tiny-gpt2 (same shapes as the adapter's base)
-    metrics = train(compose(FAST + ["peft=lora", "peft.target_modules=[c_attn]", "reward=adapter",
-                                    f"reward.adapter_path={adapter_dir}"], tmp_path / "run"))
-    assert metrics["env/reward_std"] > 0
+    default_model = compose(FAST, tmp_path / "probe").model
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**default_model.config)).save_pretrained(tmp_path / "base")
+    save_reward_adapter(tmp_path / "base", tmp_path / "same_shapes")
+    adapter = ["peft=lora", "peft.target_modules=[c_attn]", "reward=adapter"]
+    with pytest.warns(UserWarning, match=r"trained on base .*/base'.*built from a config.*model.name_or_path="):
+        train(compose(FAST + adapter + [f"reward.adapter_path={tmp_path / 'same_shapes'}"], tmp_path / "run1"))
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY_CONFIGS["gpt2"])).save_pretrained(tmp_path / "other")
+    save_reward_adapter(tmp_path / "other", tmp_path / "other_shapes")  # hidden 32, the policy's is 64
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="does not fit the policy.*size mismatch"):
+        train(compose(FAST + adapter + [f"reward.adapter_path={tmp_path / 'other_shapes'}"], tmp_path / "run2"))
+
+
+def test_missing_eos_penalty_reaches_the_scores(tmp_path):
+    """Most tiny rollouts hit max_new_tokens without EOS: their scores drop by the penalty."""
+    metrics = train(compose(FAST + ["ppo.steps=1", "ppo.missing_eos_penalty=5.0"], tmp_path))
+    assert metrics["ppo/mean_scores"] < metrics["env/reward_mean"] - 2.5
 
 
 @pytest.fixture
@@ -227,6 +299,7 @@ def no_model_built(monkeypatch):
         (["reward.fn._target_=builtins.len"], RewardError, "builtins.len"),
         (["data.max_prompt_tokens=4"], ValueError, "data.max_prompt_tokens"),
         (["ckpt_path=/nonexistent.ckpt"], FileNotFoundError, "/nonexistent.ckpt"),
+        (["trainer.precision=16-mixed"], ValueError, "trainer.precision=16-mixed (fp16 autocast) needs a GPU"),
     ],
 )
 def test_bad_input_fails_before_any_model_is_built(tmp_path, no_model_built, overrides, error, words):
@@ -235,9 +308,17 @@ def test_bad_input_fails_before_any_model_is_built(tmp_path, no_model_built, ove
     assert words in str(info.value)
 
 
+def test_reward_adapter_without_peft_fails_before_any_model_is_built(tmp_path, no_model_built):
+    save_reward_adapter_stub = tmp_path / "adapter"
+    save_reward_adapter_stub.mkdir()
+    (save_reward_adapter_stub / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="reward=adapter .* add peft=lora"):
+        train(compose(FAST + ["reward=adapter", f"reward.adapter_path={save_reward_adapter_stub}"], tmp_path / "run"))
+
+
 def test_reward_returning_wrong_shape_names_the_source(tmp_path):
-    cfg = compose(FAST + ["reward=function", "reward.fn._target_=tests_rewards.two_scores_each"], tmp_path)
-    with pytest.raises(RewardError, match="tests_rewards.two_scores_each.*shape"):
+    cfg = compose(FAST + ["reward=function", "reward.fn._target_=helpers_rewards.two_scores_each"], tmp_path)
+    with pytest.raises(RewardError, match="helpers_rewards.two_scores_each.*shape"):
         train(cfg)
 
 

@@ -1,4 +1,4 @@
-"""Callbacks the tests add through Hydra overrides (`+callbacks.x._target_=tests_callbacks.X`)."""
+"""Callbacks the tests add through Hydra overrides (`+callbacks.x._target_=helpers_callbacks.X`)."""
 
 import hashlib
 import json

@@ -1,0 +1,132 @@
+"""``PPOCore.step``'s branches, each checked by its effect on a tiny GPT-2 with a real optimizer: scores clipped and
+normalised, early stopping, the ratio threshold, gradient accumulation and gradient clipping."""
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_hf_model
+
+from lit_vhead import AutoModelForCausalLMWithValueHead, PPOConfig, ReferenceConfig
+from lit_vhead.ppo.core import Engine, PPOCore
+from lit_vhead.rollout import Rollout
+
+BATCH = 8
+
+
+class RecordingAdam(torch.optim.Adam):
+    """Adam that records the gradient norm it steps with (so the number of steps too)."""
+
+    def __init__(self, params, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.grad_norms: list[float] = []
+
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return super().step(closure)
+
+
+def rollout() -> Rollout:
+    """Left-padded prompts and right-padded responses of varied lengths (EOS is 1; none is generated here)."""
+    g = torch.Generator().manual_seed(0)
+    query = torch.randint(3, VOCAB, (BATCH, 5), generator=g)
+    query_mask = torch.ones_like(query)
+    query_mask[::2, :2] = 0
+    query = query.masked_fill(query_mask == 0, 0)
+    response = torch.randint(3, VOCAB, (BATCH, 6), generator=g)
+    response_mask = torch.ones_like(response)
+    response_mask[1::3, 4:] = 0
+    return Rollout(query, query_mask, response.masked_fill(response_mask == 0, 0), response_mask)
+
+
+def run_step(scores=None, **settings):
+    """One PPO update; returns (step output, optimizer, weights before, policy)."""
+    config = PPOConfig(**{"batch_size": BATCH, "mini_batch_size": 2, "ppo_epochs": 2, "learning_rate": 1e-3,
+                          **settings})
+    policy = AutoModelForCausalLMWithValueHead(tiny_hf_model("gpt2"))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = RecordingAdam(params, lr=config.learning_rate)
+    order = torch.Generator().manual_seed(1)
+    engine = Engine(
+        model=policy, policy=policy, reference=ReferenceConfig("copy").build(policy), optimizer=optimizer,
+        backward=lambda loss: loss.backward(),
+        clip_gradients=lambda max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm),
+        order=lambda n: torch.randperm(n, generator=order),
+    )
+    scores = torch.linspace(-10, 10, BATCH) if scores is None else scores
+    output = PPOCore(config).step(engine, rollout(), scores, eos_token_id=1)
+    return output, optimizer, before, policy
+
+
+def changed(before: dict, policy) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+def test_score_clip_clips_the_scores_the_rewards_use():
+    output, *_ = run_step(score_clip=2.5)
+    assert torch.equal(output.scores, torch.linspace(-10, 10, BATCH).clamp(-2.5, 2.5))
+    unclipped, *_ = run_step()
+    assert unclipped.scores.abs().max() == 10
+
+
+def test_score_scaling_and_normalisation():
+    raw = torch.linspace(0, 14, BATCH)
+    scaled, *_ = run_step(raw, use_score_scaling=True)
+    assert scaled.scores.std().item() == pytest.approx(1.0, rel=0.15)
+    assert scaled.scores.mean().item() == pytest.approx(raw.mean().item() / raw.std().item(), rel=0.15)
+    normed, *_ = run_step(raw, use_score_scaling=True, use_score_norm=True)
+    assert normed.scores.mean().item() == pytest.approx(0.0, abs=1e-5)
+    assert normed.scores.std().item() == pytest.approx(1.0, rel=0.15)
+    torch.testing.assert_close(normed.scores, scaled.scores - scaled.scores.mean())
+
+
+def test_early_stopping_stops_after_the_first_epoch():
+    minibatches = BATCH // 2
+    # policykl > 1.5 * target_kl holds for any KL when target_kl < 0: the loop must stop after epoch 1 of 4
+    _, stopped, *_ = run_step(ppo_epochs=4, early_stopping=True, target_kl=-1.0)
+    assert len(stopped.grad_norms) == minibatches
+    _, full, *_ = run_step(ppo_epochs=4, early_stopping=True, target_kl=1e9)
+    assert len(full.grad_norms) == 4 * minibatches
+    _, off, *_ = run_step(ppo_epochs=4, early_stopping=False, target_kl=-1.0)
+    assert len(off.grad_norms) == 4 * minibatches
+
+
+def test_ratio_threshold_skips_batches_whose_ratio_exploded():
+    output, optimizer, before, policy = run_step(ratio_threshold=0.0)  # every ratio (about 1) exceeds 0
+    assert output.stats["ppo/skipped_batches"] == 2 * (BATCH // 2)
+    assert all(norm == 0 for norm in optimizer.grad_norms) and not changed(before, policy)
+    output, optimizer, before, policy = run_step()  # TRL's 10.0
+    assert output.stats["ppo/skipped_batches"] == 0
+    assert all(norm > 0 for norm in optimizer.grad_norms) and changed(before, policy)
+
+
+def test_gradient_accumulation_steps_the_optimizer_once_per_backward_batch():
+    _, plain, *_ = run_step(gradient_accumulation_steps=1)
+    _, accumulated, *_ = run_step(gradient_accumulation_steps=2)
+    assert len(plain.grad_norms) == 2 * BATCH // 2  # ppo_epochs x minibatches
+    assert len(accumulated.grad_norms) == 2 * BATCH // 4  # ppo_epochs x backward batches (2 minibatches each)
+
+
+def test_max_grad_norm_clips_every_step():
+    _, unclipped, *_ = run_step()
+    assert min(unclipped.grad_norms) > 1e-2
+    _, clipped, *_ = run_step(max_grad_norm=1e-2)
+    assert len(clipped.grad_norms) == len(unclipped.grad_norms)
+    assert all(norm <= 1e-2 * (1 + 1e-4) for norm in clipped.grad_norms)
+    assert max(clipped.grad_norms) == pytest.approx(1e-2, rel=1e-4)
+
+
+def test_missing_eos_penalty_lowers_the_score_of_responses_without_eos():
+    """TRL PPOv2's ``missing_eos_penalty``: reward models score responses that end with EOS."""
+    data = rollout()
+    data.response_ids[0, 2] = 1  # row 0 ends with EOS at position 2
+    data.response_mask[0, 3:] = 0
+    data.response_ids[3, 5] = 1  # row 3's EOS is its last token
+    scores = torch.zeros(BATCH)
+    transformed = PPOCore(PPOConfig(batch_size=BATCH, mini_batch_size=2, missing_eos_penalty=2.0)).transform_scores(
+        scores, data, eos_token_id=1)
+    expected = torch.full((BATCH,), -2.0)
+    expected[[0, 3]] = 0.0
+    assert torch.equal(transformed, expected)
+    off = PPOCore(PPOConfig(batch_size=BATCH, mini_batch_size=2)).transform_scores(scores, data, eos_token_id=1)
+    assert torch.equal(off, scores)
