@@ -75,6 +75,16 @@ def test_compute_rewards_matches_trl(case: dict) -> None:
     torch.testing.assert_close(rewards, out["rewards"], atol=ATOL, rtol=0)
 
 
+def _gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Plain GAE from the end (TRL's loop), for the whitened-reward cases below."""
+    advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_values = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        last = rewards[:, t] + gamma * next_values - values[:, t] + gamma * lam * last
+        advantages[:, t] = last
+    return advantages
+
+
 @pytest.mark.parametrize("case", PPO_CASES, ids=CASE_IDS)
 def test_compute_advantages_matches_trl(case: dict) -> None:
     cfg, inp, out = case["config"], _tensors(case["inputs"]), _tensors(case["outputs"])
@@ -83,8 +93,33 @@ def test_compute_advantages_matches_trl(case: dict) -> None:
         inp["values"], rewards, inp["mask"], cfg["gamma"], cfg["lam"], whiten_rewards=cfg["whiten_rewards"]
     )
     torch.testing.assert_close(values, out["masked_values"], atol=ATOL, rtol=0)
-    torch.testing.assert_close(advantages, out["advantages"], atol=ATOL, rtol=0)
-    torch.testing.assert_close(returns, out["returns"], atol=ATOL, rtol=0)
+    if not cfg["whiten_rewards"]:
+        torch.testing.assert_close(advantages, out["advantages"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(returns, out["returns"], atol=ATOL, rtol=0)
+        return
+    # TRL 0.11.4 whitens the rewards but leaves the padding positions non-zero, and its GAE carries them into the
+    # real tokens before them. The oracle is exactly that leak...
+    mask = inp["mask"].float()
+    whitened = masked_whiten(rewards * mask, mask, shift_mean=False)
+    leaked = _gae(values, whitened, cfg["gamma"], cfg["lam"])
+    torch.testing.assert_close(leaked + values, out["returns"], atol=ATOL, rtol=0)
+    # ...which is not copied: here the padding stays zero, so real tokens see only real rewards.
+    fixed = _gae(values, whitened * mask, cfg["gamma"], cfg["lam"])
+    torch.testing.assert_close(returns, fixed + values, atol=ATOL, rtol=0)
+    torch.testing.assert_close(advantages, masked_whiten(fixed, mask), atol=ATOL, rtol=0)
+    assert not torch.allclose(returns * mask, out["returns"] * mask, atol=1e-3)  # the leak reached real tokens
+
+
+def test_whitened_rewards_ignore_padding() -> None:
+    """Extra padding columns must not change any real token's advantage (TRL's whiten_rewards leak)."""
+    g = torch.Generator().manual_seed(0)
+    values, rewards = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    pad = lambda x: torch.cat([x, torch.zeros(3, 2)], 1)  # noqa: E731
+    _, advantages, returns = compute_advantages(values, rewards, mask, 1.0, 0.95, whiten_rewards=True)
+    _, padded_adv, padded_ret = compute_advantages(pad(values), pad(rewards), pad(mask), 1.0, 0.95, whiten_rewards=True)
+    torch.testing.assert_close(padded_adv[:, :4] * mask, advantages * mask)
+    torch.testing.assert_close(padded_ret[:, :4] * mask, returns * mask)
 
 
 @pytest.mark.parametrize("case", PPO_CASES, ids=CASE_IDS)

@@ -213,16 +213,18 @@ def compute_advantages(
     """GAE over the response tokens, exactly as TRL.
 
     ``values`` and ``rewards`` (``[B, T]``) are zeroed outside ``mask``; with ``whiten_rewards`` the rewards are
-    rescaled by :func:`masked_whiten` (``shift_mean=False``). Then ``δ_t = r_t + γ·V_{t+1} − V_t`` and
-    ``A_t = δ_t + γλ·A_{t+1}`` from the end (``V_T = A_T = 0``), ``returns = A + V``, and the advantages are
+    rescaled by :func:`masked_whiten` (``shift_mean=False``) and zeroed outside ``mask`` again (TRL 0.11.4 left the
+    whitened padding non-zero, and GAE carried it into the real tokens before it).
+    Then ``δ_t = r_t + γ·V_{t+1} − V_t`` and ``A_t = δ_t + γλ·A_{t+1}`` from the end (``V_T = A_T = 0``),
+    ``returns = A + V``, and the advantages are
     whitened and detached. ``distributed`` makes both whitenings use every rank's batch.
     Returns ``(masked_values, advantages, returns)``, each ``[B, T]``.
     """
     w = _as_weights(mask, values)
     values = values * w
     rewards = rewards * w
-    if whiten_rewards:
-        rewards = masked_whiten(rewards, mask, shift_mean=False, distributed=distributed)
+    if whiten_rewards:  # masked again: TRL let whitened padding rewards leak into real tokens' GAE
+        rewards = masked_whiten(rewards, mask, shift_mean=False, distributed=distributed) * w
     gen_len = rewards.shape[-1]
     last_gae = torch.zeros_like(rewards[:, 0])
     next_values = torch.zeros_like(values[:, 0])
