@@ -210,7 +210,7 @@ def compute_advantages(
     whiten_rewards: bool = False,
     distributed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GAE over the response tokens, exactly as TRL.
+    """GAE over the response tokens, as TRL (without its whitened-padding leak).
 
     ``values`` and ``rewards`` (``[B, T]``) are zeroed outside ``mask``; with ``whiten_rewards`` the rewards are
     rescaled by :func:`masked_whiten` (``shift_mean=False``) and zeroed outside ``mask`` again (TRL 0.11.4 left the
