@@ -6,7 +6,7 @@ import nbformat
 import pytest
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOKS = ["quickstart.ipynb", "reference_memory.ipynb", "migrating_from_trl.ipynb"]
+NOTEBOOKS = sorted(path.name for path in NOTEBOOKS_DIR.glob("*.ipynb"))
 KERNEL_ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1"}
 
 
@@ -15,12 +15,23 @@ def read(name: str):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_is_valid_and_saved_without_outputs(name):
+def test_notebook_is_valid_and_saved_clean_or_fully_executed(name):
     nb = read(name)
     nbformat.validate(nb)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
+    counts = [cell.execution_count for cell in code]
+    if any(count is not None for count in counts):  # saved with its outputs: every cell ran, in order, checks passed
+        assert counts == list(range(1, len(code) + 1))
+        outputs = [o for cell in code for o in cell.outputs]
+        assert not any(o.output_type == "error" for o in outputs)
+        assert any("all checks passed" in o.get("text", "") for o in outputs if o.output_type == "stream")
+    else:
+        assert code and all(not cell.outputs for cell in code)
     assert "assert" in code[-1].source or "assert" in code[-2].source  # ends with its checks
+
+
+def test_the_quickstarts_are_collected():
+    assert {"quickstart.ipynb", "quickstart_hydra.ipynb"} <= set(NOTEBOOKS)
 
 
 @pytest.mark.slow
