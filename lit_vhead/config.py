@@ -27,7 +27,6 @@ from hydra.core.config_store import ConfigStore
 from lit_vhead.ppo.functional import KL_PENALTY_KINDS
 from lit_vhead.value_head import DEFAULT_INITIALIZER_RANGE, INIT_STRATEGIES
 
-
 # The choices come from the code that implements them (one source each); the enums let Hydra reject a bad value.
 HeadInit = Enum("HeadInit", {name: name for name in INIT_STRATEGIES if name is not None}, type=str)
 HeadInit.__doc__ = "``v_head_init_strategy``: ``null`` keeps ``nn.Linear``'s init, ``normal`` draws N(0, range)."

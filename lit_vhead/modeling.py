@@ -505,7 +505,8 @@ def _v_head_keys_expected() -> Iterator[None]:
 
 
 def _base_name(model: Any) -> str | None:
-    """What a model records as its source (``config.name_or_path``): a hub id, a path, or None if built from a config."""
+    """What a model records as its source (``config.name_or_path``): a hub id, a path, or None (built from a
+    config)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base.config, "name_or_path", None) or getattr(base.config, "_name_or_path", None) or None
 

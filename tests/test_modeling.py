@@ -744,7 +744,8 @@ def test_peft_policy_on_a_base_built_from_a_config_reloads_offline_in_a_fresh_pr
     """The base exists nowhere on disk: the save must hold it too, and record where it is."""
     cls = wrapper_cls(arch)
     task = "SEQ_2_SEQ_LM" if arch in SEQ2SEQ else "CAUSAL_LM"
-    model = cls.from_pretrained(tiny_hf_model(arch), peft_config=LoraConfig(task_type=task, r=4, target_modules="all-linear"))
+    lora = LoraConfig(task_type=task, r=4, target_modules="all-linear")
+    model = cls.from_pretrained(tiny_hf_model(arch), peft_config=lora)
     perturb_lora_b(model, seed=3)
     with torch.no_grad():
         model.v_head.summary.weight.normal_()
@@ -825,7 +826,7 @@ def test_lm_head_check_uses_lm_head_namings():
     assert RenamedHead(base).v_head.summary.in_features == base.config.n_embd
 
 
-# ---------------------------------------------------------------------------------------------------- reward adapter checks
+# ---------------------------------------------------------------------------------------------------- reward checks
 def test_reward_adapter_of_another_base_warns(tiny_dirs, reward_setup, tmp_path):
     policy = get_peft_model(tiny_hf_model("gpt2", seed=1), gpt2_lora())  # built from a config: another base
     with pytest.warns(UserWarning, match=rf"trained on base '{tiny_dirs['gpt2']}'.*built from a config"):

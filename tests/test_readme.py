@@ -36,12 +36,14 @@ def test_readme_opens_with_the_two_commands_ci_runs():
 
 def assert_run_outputs(run_dir, cfg, metrics) -> None:
     """A finished run: one CSV row per PPO step with finite rewards and KL, and a policy that reloads."""
-    from lit_vhead.builders import value_head_class
     from test_train import read_csv
+
+    from lit_vhead.builders import value_head_class
 
     rows = read_csv(run_dir)
     assert [int(float(r["ppo/step"])) for r in rows] == list(range(cfg.ppo.steps))
-    assert all(torch.isfinite(torch.tensor([float(r["env/reward_mean"]), float(r["objective/kl"])])).all() for r in rows)
+    values = torch.tensor([[float(r["env/reward_mean"]), float(r["objective/kl"])] for r in rows])
+    assert torch.isfinite(values).all()
     assert metrics["env/reward_mean"] == pytest.approx(float(rows[-1]["env/reward_mean"]))
     policy = value_head_class(cfg.model.kind).from_pretrained(run_dir / "policy")
     assert policy.is_peft_model == bool(cfg.peft)
@@ -60,7 +62,8 @@ def test_every_train_command_in_the_readme_runs(tmp_path, command):
                          + [f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "Done: 2 PPO steps" in result.stdout
-        runs = [tmp_path / "run"] if "-m" not in args else sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+        sweep = tmp_path / "sweep"
+        runs = sorted(p for p in sweep.iterdir() if p.is_dir()) if "-m" in args else [tmp_path / "run"]
         for run_dir in runs:
             assert len(read_rows(run_dir)) == 2 and (run_dir / "policy" / "config.json").is_file()
         return

@@ -1,6 +1,6 @@
-"""Every way a trained policy is saved (``python train.py``/``PPOModule``, ``PPOTrainer``) gives a directory that reloads
-offline, in a fresh process, with the same logits and values, also for PEFT on a base that exists nowhere on disk.
-(Users' own ``save_pretrained`` calls: tests/test_modeling.py.)"""
+"""Every way a trained policy is saved (``python train.py``/``PPOModule``, ``PPOTrainer``) gives a directory that
+reloads offline, in a fresh process, with the same logits and values, also for PEFT on a base that exists nowhere on
+disk. (Users' own ``save_pretrained`` calls: tests/test_modeling.py.)"""
 
 import json
 

@@ -221,9 +221,8 @@ def test_every_kl_estimator_trains(tmp_path, kind):
 
 
 def test_reward_model_from_a_local_dir(tmp_path, byt5):
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
     from conftest import TINY_CONFIGS
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.for_model(**TINY_CONFIGS["gpt2"], num_labels=2, pad_token_id=0)
     rm_dir = tmp_path / "rm"
@@ -259,9 +258,8 @@ def test_reward_adapter_on_the_same_base(tmp_path, recwarn):
 
 def test_reward_adapter_of_another_base_warns_and_one_that_does_not_fit_fails(tmp_path):
     """The README recipe without model.name_or_path: the adapter would land on a random tiny model."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from conftest import TINY_CONFIGS
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     default_model = compose(FAST, tmp_path / "probe").model
     AutoModelForCausalLM.from_config(AutoConfig.for_model(**default_model.config)).save_pretrained(tmp_path / "base")
