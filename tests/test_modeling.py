@@ -808,6 +808,32 @@ def test_saved_files_follow_the_umask(tmp_path, umask, peft):
         assert stat.S_IMODE(path.stat().st_mode) == expected, (path, oct(path.stat().st_mode))
 
 
+def test_our_checkpoints_load_and_save_without_transformers_noise(saved_gpt2, tmp_path, capfd, caplog):
+    """No LOAD REPORT calling our own ``v_head.*`` tensors UNEXPECTED, no progress bar for a 0.5 MB model; a key that
+    really is unexpected is still reported."""
+    hf_logging = transformers.utils.logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    hf_logging.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        model = CLM.from_pretrained(saved_gpt2.path)
+        model.save_pretrained(tmp_path / "resaved")
+        bars = capfd.readouterr()
+        quiet = caplog.text
+        weights = load_file(tmp_path / "resaved" / "model.safetensors")
+        save_file({**weights, "stray.weight": torch.zeros(1)}, tmp_path / "resaved" / "model.safetensors",
+                  metadata={"format": "pt"})
+        CLM.from_pretrained(tmp_path / "resaved")
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.disable_progress_bar()
+    assert "Loading weights" not in bars.err and "Writing model shards" not in bars.err
+    assert "LOAD REPORT" not in quiet
+    report = caplog.text[len(quiet):]
+    assert "LOAD REPORT" in report and "stray.weight" in report and "v_head" not in report
+
+
 # ---------------------------------------------------------------------------------------------------- LM head
 def test_lm_head_check_uses_lm_head_namings():
     """TRL 0.7.10: a base without a module named one of ``lm_head_namings`` has no LM head; extend the attribute for

@@ -62,6 +62,12 @@ def changed(before: dict, policy) -> bool:
     return any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
 
 
+def test_the_step_logs_the_policy_entropy():
+    """``ppo_loss`` gets the entropy of the minibatch logits from the core (TRL's ``ppo/policy/entropy``)."""
+    output, *_ = run_step()
+    assert 0 < output.stats["ppo/policy/entropy"] <= torch.log(torch.tensor(float(VOCAB))).item()
+
+
 def test_score_clip_clips_the_scores_the_rewards_use():
     output, *_ = run_step(score_clip=2.5)
     assert torch.equal(output.scores, torch.linspace(-10, 10, BATCH).clamp(-2.5, 2.5))

@@ -147,6 +147,10 @@ def test_empty_and_overlong_prompts_fail_before_training(tmp_path):
         train(compose(FAST + [f"data.prompts={prompts}", "data.max_prompt_tokens=1000"], tmp_path / "a"))
     with pytest.raises(ValueError, match="empty"):
         train(compose(FAST + ["data.prompts=['hello','  ']"], tmp_path / "b"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match=rf"prompts file '{empty}' holds no prompts"):  # names the file
+        train(compose(FAST + [f"data.prompts={empty}"], tmp_path / "c"))
 
 
 KEYS = {

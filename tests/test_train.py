@@ -273,6 +273,19 @@ def test_reward_adapter_of_another_base_warns_and_one_that_does_not_fit_fails(tm
         train(compose(FAST + adapter + [f"reward.adapter_path={tmp_path / 'other_shapes'}"], tmp_path / "run2"))
 
 
+@pytest.mark.parametrize("model, task_type", [("tiny-gpt2", "CAUSAL_LM"), ("tiny-t5", "SEQ_2_SEQ_LM")])
+def test_lora_task_type_follows_the_model(tmp_path, model, task_type):
+    """configs/peft/lora.yaml leaves task_type null: causal and seq2seq policies each get their own."""
+    import hydra
+
+    from lit_vhead.builders import build_policy
+
+    cfg = compose([f"model={model}", "peft=lora"], tmp_path)
+    assert cfg.peft.task_type is None
+    policy = build_policy(cfg.model, peft_config=hydra.utils.instantiate(cfg.peft))
+    assert policy.pretrained_model.peft_config["default"].task_type == task_type
+
+
 def test_missing_eos_penalty_reaches_the_scores(tmp_path):
     """Most tiny rollouts hit max_new_tokens without EOS: their scores drop by the penalty."""
     metrics = train(compose(FAST + ["ppo.steps=1", "ppo.missing_eos_penalty=5.0"], tmp_path))
