@@ -139,6 +139,7 @@ class PPOModule(L.LightningModule):
         if self.ref is not None and self.policy is not None:
             self.ref.validate(self.policy)  # e.g. ref="peft" without a PEFT policy, or a bad num_shared_layers
         self.__dict__["reference"] = None  # not a submodule: never in checkpoints, never wrapped by DDP
+        self._reference_sum: float | None = None  # its fingerprint, checked on resume
         self.core = PPOCore(self.ppo)
         self.stats = self.core.stats  # a child module, so it follows the device
 
@@ -210,6 +211,7 @@ class PPOModule(L.LightningModule):
         self.policy.train()
         ref = self.ref or ReferenceConfig(mode="peft" if self.policy.is_peft_model else "copy")
         self.__dict__["reference"] = ref.build(self.policy)
+        self._reference_sum = reference_fingerprint(self.reference)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -223,6 +225,11 @@ class PPOModule(L.LightningModule):
         self.reference.follow(self.policy)
         if self.reward is not None:
             self.reward.setup(self.policy, self.tokenizer, self.device)
+
+    def teardown(self, stage: str) -> None:
+        """Lightning moves the module back to the CPU after fit; the reference (not a submodule) follows it."""
+        if self.reference is not None and self.policy is not None:
+            self.reference.follow(self.policy)
 
     @property
     def reference(self) -> Reference | None:
@@ -287,8 +294,10 @@ class PPOModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the PPO state that is not a weight: KL coefficient and running score moments."""
+        """Keep the PPO state that is not a weight: KL coefficient, running score moments, and a fingerprint of the
+        reference (which is rebuilt, never saved)."""
         checkpoint["ppo_state"] = self.core.state_dict()
+        checkpoint["reference_fingerprint"] = self._reference_sum
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("ppo_state")
@@ -302,7 +311,25 @@ class PPOModule(L.LightningModule):
                     f"The checkpoint was trained with another model or PEFT config: {key} is {tuple(value.shape)} "
                     f"in it but {here}. Resume with the same model.*/peft settings as the run that wrote it."
                 )
+        saved, here = checkpoint.get("reference_fingerprint"), self._reference_sum
+        if saved is not None and here is not None and abs(saved - here) > 1e-6 * max(1.0, abs(saved)):
+            raise ValueError(
+                "The reference built for this run differs from the one the checkpoint was trained against (their "
+                f"weights sum to {here!r} and {saved!r}): it is made from the initial policy, so resume with the same "
+                "initial model (the same checkpoint, or torch.manual_seed(...) before building a random one)."
+            )
         self.core.load_state_dict(state)
+
+
+def reference_fingerprint(reference: Reference) -> float | None:
+    """A float64 sum of the reference's language-model weights (not its value head: the KL never reads it), so a
+    resumed run can tell that it rebuilt the reference its checkpoint trained against. None for ``peft`` references
+    (their base weights come back with the checkpoint) and for weights not materialised yet (meta tensors)."""
+    params = [p for n, p in reference.model.named_parameters() if not n.startswith("v_head.")]
+    if reference.mode == "peft" or any(p.is_meta for p in params):
+        return None
+    with torch.no_grad():
+        return float(sum(p.sum(dtype=torch.float64).item() for p in params))
 
 
 def reward_inputs(rollout: Rollout, tokenizer: Any) -> RewardInputs:

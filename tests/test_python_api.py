@@ -97,14 +97,18 @@ def seeded():
     torch.manual_seed(0)
 
 
-@pytest.fixture
-def no_rollout(monkeypatch):
-    """Any generation fails the test: the bad input must be reported before the first rollout."""
+def forbid_rollouts(monkeypatch):
+    """Any generation from now on fails the test: bad input must be reported before the first rollout."""
 
     def fail(*args, **kwargs):
         raise AssertionError("a rollout started before the bad input was reported")
 
     monkeypatch.setattr(lit_vhead.module, "generate", fail)
+
+
+@pytest.fixture
+def no_rollout(monkeypatch):
+    forbid_rollouts(monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------- accepted forms
@@ -456,6 +460,18 @@ def test_checkpoints_and_exact_resume(tmp_path, byt5):
     trained = resumed_module.policy.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in full_module.policy.state_dict().items())
     assert resumed_module.kl_ctl.value == full_module.kl_ctl.value
+
+
+def test_resume_with_another_initial_model_is_a_clear_error(tmp_path, byt5, monkeypatch):
+    """The reference is rebuilt from the initial policy, never saved: resuming from a differently initialised model
+    object would silently change the KL target, so it fails before any rollout."""
+    first = PPOModule(tiny_hf_model("gpt2", seed=0), byt5, vowels, ppo=PPO)
+    trainer(enable_checkpointing=True, default_root_dir=tmp_path).fit(first, datamodule=PromptDataModule(PROMPTS))
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    forbid_rollouts(monkeypatch)
+    resumed = PPOModule(tiny_hf_model("gpt2", seed=1), byt5, vowels, ppo={**PPO, "steps": 4})
+    with pytest.raises(ValueError, match="resume with the same initial model"):
+        trainer().fit(resumed, datamodule=PromptDataModule(PROMPTS), ckpt_path=ckpt)
 
 
 # ---------------------------------------------------------------------------------------------- multi-process
