@@ -1,6 +1,7 @@
 """Hydra sweeps through the CLI: summary table, reward-curve comparison, DDP children, Optuna."""
 
 import csv
+from pathlib import Path
 
 import pytest
 import yaml
@@ -31,15 +32,18 @@ def test_grid_sweep_writes_a_summary_table_and_a_comparison_plot(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_multirun_does_not_start_a_second_sweep(tmp_path):
-    result = run_cli(["-m", "head.init=null,normal", "trainer=ddp", "trainer.devices=2", *SHORT,
-                      f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    report = ["+callbacks.report._target_=helpers_callbacks.RankReport",
+              "+callbacks.report.output_dir=${paths.output_dir}"]  # each rank writes rank<k>.json into its run dir
+    result = run_cli(["-m", "head.init=null,normal", "trainer=ddp", "trainer.devices=2", *SHORT, *report,
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path,
+                     env_extra={"PYTHONPATH": str(Path(__file__).parent)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert output.count("Launching 2 jobs locally") == 1
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
     assert not (tmp_path / "outputs").exists()  # no stray run or sweep tree from the child ranks
     for job in ("0", "1"):
-        assert (tmp_path / "sweep" / job / "train_ddp_process_1.log").is_file()  # rank 1 ran inside its job dir
+        assert (tmp_path / "sweep" / job / "rank1.json").is_file()  # rank 1 ran inside its job dir
     with open(tmp_path / "sweep" / "summary.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
 
