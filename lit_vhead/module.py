@@ -159,6 +159,14 @@ class PPOModule(L.LightningModule):
         if stage != "fit":
             return
         trainer = self.trainer
+        if not trainer.fast_dev_run:  # Lightning's smoke test (max_steps=1) runs one PPO step
+            self._check_step_budget(trainer)
+        if trainer.log_every_n_steps == _LIGHTNING_DEFAULT_LOG_EVERY:  # not chosen: log every PPO step
+            trainer.log_every_n_steps = 1
+        self.check_reward(getattr(trainer.datamodule, "prompts", None) or ["Hello", "World"])
+
+    def _check_step_budget(self, trainer: L.Trainer) -> None:
+        """The run takes ppo.steps PPO steps, one Lightning epoch of one batch each; a conflicting setting fails."""
         if trainer.max_steps != -1:
             raise ValueError(
                 f"Trainer(max_steps={trainer.max_steps}) counts optimizer steps, and a PPO step takes several. Leave "
@@ -178,9 +186,6 @@ class PPOModule(L.LightningModule):
                 "of prompts (one Lightning epoch). Leave it unset."
             )
         trainer.limit_train_batches = 1  # one batch per epoch, whatever the length of the user's DataLoader
-        if trainer.log_every_n_steps == _LIGHTNING_DEFAULT_LOG_EVERY:  # not chosen: log every PPO step
-            trainer.log_every_n_steps = 1
-        self.check_reward(getattr(trainer.datamodule, "prompts", None) or ["Hello", "World"])
 
     def check_reward(self, prompts: list[str]) -> None:
         """A dry run of the reward (prompts as stand-in responses): a wrong output shape fails before any rollout."""

@@ -414,6 +414,13 @@ def test_plain_trainer_runs_ppo_steps_and_logs_every_step(tmp_path, byt5):
         assert all(r[name] != "" for r in rows), name
 
 
+def test_fast_dev_run_takes_one_ppo_step(byt5):
+    batches = Batches(byt5)
+    fit = trainer(fast_dev_run=True, callbacks=[batches])
+    fit.fit(PPOModule(tiny_hf_model("gpt2"), byt5, vowels, ppo=PPO), datamodule=PromptDataModule(PROMPTS))
+    assert len(batches.prompts) == 1 and fit.global_step == PPO["ppo_epochs"] * 2  # a whole PPO step: 2 minibatches
+
+
 def test_own_dataloader_of_many_batches_still_takes_ppo_steps(byt5):
     """A user's DataLoader with several batches: each PPO step (epoch) takes one batch, ppo.steps in all."""
     ids = [byt5(f"prompt number {i}", add_special_tokens=False)["input_ids"] for i in range(16)]
