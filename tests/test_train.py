@@ -286,6 +286,18 @@ def test_lora_task_type_follows_the_model(tmp_path, model, task_type):
     assert policy.pretrained_model.peft_config["default"].task_type == task_type
 
 
+@pytest.mark.parametrize("choice, optimizer_class", [("default", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
+def test_optimizer_default_is_trls_adam_at_the_ppo_learning_rate(tmp_path, choice, optimizer_class):
+    """configs/optimizer/default.yaml sets nothing: the one default is the core's (TRL's Adam at ppo.learning_rate)."""
+    class Keep(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.optimizer = trainer.optimizers[0]
+
+    keep = Keep()
+    fit_with(compose(FAST + ["ppo.steps=1", f"optimizer={choice}", "ppo.learning_rate=3e-4"], tmp_path), [keep])
+    assert type(keep.optimizer) is optimizer_class and keep.optimizer.param_groups[0]["lr"] == 3e-4
+
+
 def test_missing_eos_penalty_reaches_the_scores(tmp_path):
     """Most tiny rollouts hit max_new_tokens without EOS: their scores drop by the penalty."""
     metrics = train(compose(FAST + ["ppo.steps=1", "ppo.missing_eos_penalty=5.0"], tmp_path))
