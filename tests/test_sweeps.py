@@ -1,6 +1,7 @@
 """Hydra sweeps through the CLI: summary table, reward-curve comparison, DDP children, Optuna."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def test_grid_sweep_writes_a_summary_table_and_a_comparison_plot(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
     combos = {(o.split()[0], o.split()[1]) for o in (r["overrides"] for r in rows)}
-    assert combos == {(f"head.init={i}", f"ppo.learning_rate={lr}") for i in ("null", "normal") for lr in ("1e-05", "3e-05")}
+    grid = {(f"head.init={i}", f"ppo.learning_rate={lr}") for i in ("null", "normal") for lr in ("1e-05", "3e-05")}
+    assert combos == grid
     assert all(float(r["env/reward_mean"]) > 0 and r["run_dir"].endswith(r["job"]) for r in rows)
     assert "env/reward_mean" in result.stdout and "summary.csv" in result.stdout
     assert (tmp_path / "rewards.png").stat().st_size > 1000
@@ -65,6 +67,7 @@ def test_main_returns_the_optimized_metric(tmp_path):
     cfg = compose(FAST + ["optimized_metric=objective/kl"], tmp_path)
     value = main(cfg)
     assert isinstance(value, float)
-    assert value == pytest.approx(float(open(tmp_path / "metrics.json").read().split('"objective/kl": ')[1].split(",")[0]))
+    logged = json.loads((tmp_path / "metrics.json").read_text())["objective/kl"]
+    assert value == pytest.approx(logged)
     with pytest.raises(ValueError, match="no/such.*was not logged"):
         metric_value({"a": 1.0}, "no/such")
