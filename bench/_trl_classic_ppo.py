@@ -1,11 +1,12 @@
-"""TRL classic (0.11.4) side of ``bench/ppo_step.py``: run by the python of TRL's own venv (see that docstring).
+"""TRL classic (0.11.4) side of ``bench/ppo_step.py``, and with ``--impl lit_vhead`` its ``trainer`` side.
 
-The identical workload: a random-init GPT-2 with TRL's value head, ``PPOTrainer`` with its own full-copy reference
+The identical workload: a random-init GPT-2 with a value head, ``PPOTrainer`` with its own full-copy reference
 (``ref_model=None``), ``PPOConfig(batch_size, mini_batch_size, ppo_epochs, learning_rate)``, token ids fed directly:
 one batched ``model.generate`` per PPO step (same sampling settings: min = max new tokens, top_k=0, top_p=1, no EOS
-stop), reward = fraction of even response ids, then ``step(queries, responses, scores)``. Each step waits for ``go``
-on stdin and reports a ``BENCH_STEP {json}`` line (``ppo_step.StepGate``); a final ``BENCH_RESULT {json}`` line gives
-the peak RSS.
+stop), reward = fraction of even response ids, then ``step(queries, responses, scores)``. Run by the python of TRL's
+own venv it imports ``trl``; with ``--impl lit_vhead`` the very same loop imports ``lit_vhead`` instead (a TRL-classic
+script migrates by changing that import). Each step waits for ``go`` on stdin and reports a ``BENCH_STEP {json}``
+line (``ppo_step.StepGate``); a final ``BENCH_RESULT {json}`` line gives the peak RSS.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ def main() -> None:
     import torch
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
-    from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+    if args.impl == "lit_vhead":
+        from lit_vhead import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+    else:
+        from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
     warnings.filterwarnings("ignore")
     transformers.utils.logging.set_verbosity_error()
@@ -87,7 +91,7 @@ def main() -> None:
                 "reward": float(scores.mean()),
             }
         )
-    emit({"side": "trl", "peak_rss_mib": peak_rss_mib()})
+    emit({"side": "trl" if args.impl == "trl" else "trainer", "peak_rss_mib": peak_rss_mib()})
 
 
 if __name__ == "__main__":

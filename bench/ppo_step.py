@@ -15,10 +15,10 @@ Sides (``--sides``), each in its own process (so each has its own peak RSS), ``O
 
 - ``ours``: the product: ``PPOModule`` + ``lightning.Trainer`` (reference = full frozen copy, default ``PPOConfig``:
   ``cpu_kernels`` on), one Lightning epoch per PPO step; ``wall`` is the whole epoch (data, ``training_step``,
-  logging, loop), split by the module's logged ``time/ppo/*`` metrics. Variants of it:
-  ``plain`` (``ppo.cpu_kernels=False``: PyTorch's default kernels), ``bf16`` (``precision=bf16-mixed``),
-  ``compile`` (``ppo.compile=True``), ``shared`` (``ref=shared``, k = n_layer/2), ``peft`` (LoRA r=8 on all linear
-  layers, ``ref=peft``: the policy with adapters disabled).
+  logging, loop), split by the module's logged ``time/ppo/*`` metrics. Variants of it: ``plain``
+  (``ppo.cpu_kernels=False``: PyTorch's default kernels), ``bf16`` (``precision=bf16-mixed``), ``bf16-plain``
+  (both), ``compile`` (``ppo.compile=True``), ``compile-plain`` (both), ``shared`` (``ref=shared``,
+  k = n_layer/2), ``peft`` (LoRA r=8 on all linear layers, ``ref=peft``: the policy with adapters disabled).
 - ``trainer``: ``lit_vhead.PPOTrainer.step`` (TRL's classic loop API, on Fabric), run by the very script of the
   ``trl`` side (``bench/_trl_classic_ppo.py --impl lit_vhead``: only the import differs).
 - ``floor``: bare transformers doing only the work PPO cannot avoid: one KV-cached ``generate``, one no-grad policy
@@ -84,7 +84,9 @@ OURS = {
     "ours": {},
     "plain": {"cpu_kernels": False},
     "bf16": {"precision": "bf16-mixed"},
+    "bf16-plain": {"precision": "bf16-mixed", "cpu_kernels": False},
     "compile": {"compile": True},
+    "compile-plain": {"compile": True, "cpu_kernels": False},
     "shared": {"ref": "shared"},
     "peft": {"peft": True},
 }
@@ -483,9 +485,9 @@ def run_gemm(args) -> dict:
                  "addmm": lambda a=a, b=b, c=bias: torch.addmm(c, a, b)}[op]
         fast = None
         if onednn and op != "bmm":
-            from lit_vhead.kernels import _onednn_linear
+            from lit_vhead.kernels import _gemm
 
-            fast = lambda a=a, b=b, c=(bias if op == "addmm" else None): _onednn_linear(a, b.t(), c)  # noqa: E731
+            fast = lambda a=a, b=b, c=(bias if op == "addmm" else None): _gemm(a, b.t(), c)  # noqa: E731
         cases.append((count, plain, fast))
 
     def timed(fn, reps: int = 3) -> float:
@@ -636,7 +638,7 @@ def print_report(args, sides: list[str], summary: dict, ratios: dict) -> None:
         f"{args.accelerator}"
     )
     cuda = any("peak_cuda_mib" in summary[s] for s in sides)
-    header = (f"{'side':8s} {'wall med':>9s} {'wall min':>9s} {'first':>8s} {'gen med':>8s} {'score med':>9s} "
+    header = (f"{'side':13s} {'wall med':>9s} {'wall min':>9s} {'first':>8s} {'gen med':>8s} {'score med':>9s} "
               f"{'optim med':>9s} {'peak RSS':>9s}" + (f" {'peak CUDA':>10s}" if cuda else ""))
     print(header)
     print("-" * len(header))
@@ -644,15 +646,16 @@ def print_report(args, sides: list[str], summary: dict, ratios: dict) -> None:
         x = summary[s]
         parts = "        -         -         -" if s == "gemm" else (
             f"{x['generation']['median']:8.3f} {x['scoring']['median']:9.3f} {x['optimisation']['median']:9.3f}")
-        line = (f"{s:8s} {x['wall']['median']:9.3f} {x['wall']['min']:9.3f} {x['first_wall']:8.2f} {parts} "
+        line = (f"{s:13s} {x['wall']['median']:9.3f} {x['wall']['min']:9.3f} {x['first_wall']:8.2f} {parts} "
                 f"{x['peak_rss_mib']:6.0f}MiB")
         if cuda:
             line += f" {x.get('peak_cuda_mib', float('nan')):7.0f}MiB"
         print(line)
     if "gemm" in summary:
         g = summary["gemm"]
-        rates = f"PyTorch fp32 ({'MKL sgemm' if args.accelerator == 'cpu' else 'cuBLAS'}) {g['gemm_plain_s']:.3f} s = " \
-                f"{g['gemm_gflop'] / g['gemm_plain_s']:.0f} GFLOP/s"
+        library = "MKL sgemm" if args.accelerator == "cpu" else "cuBLAS"
+        plain_s = g["gemm_plain_s"]
+        rates = f"PyTorch fp32 ({library}) {plain_s:.3f} s = {g['gemm_gflop'] / plain_s:.0f} GFLOP/s"
         if g.get("gemm_onednn_s") is not None:
             rates += f", oneDNN {g['gemm_onednn_s']:.3f} s = {g['gemm_gflop'] / g['gemm_onednn_s']:.0f} GFLOP/s"
         print(f"gemm: the step's {g['gemm_calls']} GEMMs ({g['distinct_gemms']} shapes, {g['gemm_gflop']:.1f} GFLOP) "
@@ -660,7 +663,7 @@ def print_report(args, sides: list[str], summary: dict, ratios: dict) -> None:
     for key, value in ratios.items():
         if not key.endswith("_paired"):
             paired = ratios.get(key + "_paired")
-            print(f"{key:28s} {value}" + (f"   (median of per-step ratios {paired})" if paired is not None else ""))
+            print(f"{key:34s} {value}" + (f"   (median of per-step ratios {paired})" if paired is not None else ""))
 
 
 def main() -> None:

@@ -20,7 +20,10 @@ import contextlib
 import ctypes
 import functools
 import platform
+import types
+import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,91 +45,137 @@ def onednn_available() -> bool:
     )
 
 
-def _onednn_linear(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _gemm(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x2d @ weight.T + bias`` by oneDNN (``weight`` ``[out, in]``, any strides)."""
     return torch.ops.mkldnn._linear_pointwise(x2d, weight, bias, "none", [], "")
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """``F.linear`` whose three GEMMs (forward, input gradient, weight gradient) run in oneDNN."""
+def _gradients(gemm, needs_input_grad, grad: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor, has_bias: bool):
+    """The input and weight gradients of ``x2d @ weight.T + bias`` are GEMMs too (on transposed views)."""
+    grad_x = gemm(grad, weight.t(), None) if needs_input_grad[0] else None
+    grad_weight = gemm(grad.t(), x2d.t(), None) if needs_input_grad[1] else None
+    grad_bias = grad.sum(0) if has_bias and needs_input_grad[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
+class _Linear(torch.autograd.Function):
+    """The eager path (the lighter one: about 40 us less per call than the custom op below)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        x2d = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x2d, weight)
         ctx.has_bias = bias is not None
-        return _onednn_linear(x2d, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return _gemm(x2d, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x2d, weight = ctx.saved_tensors
-        grad2d = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(grad2d, weight.t(), None).view(*grad.shape[:-1], weight.shape[1])
-        if ctx.needs_input_grad[1]:
-            grad_weight = _onednn_linear(grad2d.t(), x2d.t(), None)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad2d.sum(0)
-        return grad_x, grad_weight, grad_bias
+        return _gradients(_gemm, ctx.needs_input_grad, grad, *ctx.saved_tensors, ctx.has_bias)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """``F.linear(x, weight, bias)`` by oneDNN, or None where it does not apply (not fp32 CPU, autocast, empty)."""
-    tensors = (x, weight) if bias is None else (x, weight, bias)
-    if (
-        any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors)
-        or torch.is_autocast_enabled("cpu")
-        or x.numel() == 0
-        or weight.dim() != 2
-    ):
+@torch.library.custom_op("lit_vhead::onednn_linear", mutates_args=())
+def _linear_op(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The same GEMM as one opaque op for ``torch.compile`` (Inductor's own oneDNN lowering wants frozen weights)."""
+    return _gemm(x2d, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x2d.new_empty(x2d.shape[0], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x2d, weight, bias = inputs
+    ctx.save_for_backward(x2d, weight)
+    ctx.has_bias = bias is not None
+
+
+_linear_op.register_autograd(
+    lambda ctx, grad: _gradients(_linear_op, ctx.needs_input_grad, grad, *ctx.saved_tensors, ctx.has_bias),
+    setup_context=_setup_context,
+)
+
+
+_BF16_COPIES: dict[int, torch.Tensor] | None = None  # inside fast_kernels: bf16 copies of weights, see linear()
+
+
+def _autocast_bf16() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           transposed: bool = False) -> torch.Tensor | None:
+    """``F.linear(x, weight, bias)`` by oneDNN (``weight.T`` for a ``transposed`` ``[in, out]`` weight), or None
+    where the module's own forward should run (not CPU fp32 parameters, empty input, fp16 autocast).
+
+    Under CPU bf16 autocast only the no-grad calls are taken (generation, the rollout and reference passes): they
+    compute what autocast would, but cast each weight to bf16 once per ``fast_kernels`` block instead of once per
+    call (33 forwards per rollout on the benchmark). The first grad-enabled call drops those copies: the optimizer
+    may change the weights from then on, and autocast casts per call again.
+    """
+    params = (weight,) if bias is None else (weight, bias)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in params) or x.numel() == 0 or weight.dim() != 2:
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _OneDNNLinear.apply(x, weight, bias)
-    return _onednn_linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
+    if torch.is_autocast_enabled("cpu"):
+        if not _autocast_bf16() or torch.compiler.is_compiling() or _BF16_COPIES is None:
+            return None
+        if grad:
+            _BF16_COPIES.clear()
+            return None
+        copies = [_BF16_COPIES.setdefault(id(t), t.detach().to(torch.bfloat16)) for t in params]
+        weight, bias = copies[0], (copies[1] if bias is not None else None)
+        x = x.to(torch.bfloat16)
+    elif x.dtype != torch.float32:
+        return None
+    w = weight.t() if transposed else weight
+    x2d = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():
+        out = _linear_op(x2d, w, bias)
+    elif grad:
+        out = _Linear.apply(x2d, w, bias)
+    else:
+        out = _gemm(x2d, w, bias)
+    return out.view(*x.shape[:-1], w.shape[0])
 
 
-def _linear_forward(module: nn.Linear):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, module.weight, module.bias)
-        return type(module).forward(module, x) if out is None else out
-
-    return forward
+def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    out = linear(x, self.weight, self.bias)
+    return type(self).forward(self, x) if out is None else out
 
 
-def _conv1d_forward(module: nn.Module):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, module.weight.t(), module.bias)  # Conv1D keeps its weight as [in, out]
-        return type(module).forward(module, x) if out is None else out
-
-    return forward
+def _conv1d_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = linear(x, self.weight, self.bias, transposed=True)  # Conv1D keeps its weight as [in, out]
+    return type(self).forward(self, x) if out is None else out
 
 
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+def _gelu_tanh_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
 def _fast_forward(module: nn.Module, gemms: bool):
-    """The replacement forward of ``module``, or None to leave it as it is."""
+    """The replacement forward of ``module`` (a plain function of ``(self, x)``), or None to leave it as it is."""
     if "forward" in module.__dict__:  # already swapped by someone (e.g. trunk reuse): leave it alone
         return None
     cls = type(module)
     if gemms and cls.forward is nn.Linear.forward:
-        return _linear_forward(module)
+        return _linear_forward
     if gemms and Conv1D is not None and cls.forward is Conv1D.forward:
-        return _conv1d_forward(module)
+        return _conv1d_forward
     if NewGELUActivation is not None and cls.forward is NewGELUActivation.forward:
-        return _gelu_tanh
+        return _gelu_tanh_forward
     return None
 
 
 @contextlib.contextmanager
-def fast_kernels(*models: nn.Module | None, enabled: bool = True) -> Iterator[None]:
+def fast_kernels(*models: nn.Module | None, enabled: bool = True, backward: bool = False) -> Iterator[None]:
     """Run the block with the fast forwards swapped into ``models`` (duplicates and None are skipped).
 
-    Gradients of a graph built inside the block may be computed after it: the GEMMs' backward is in the graph.
+    ``backward``: the block runs backward passes (the PPO update; not a rollout). Gradients of a graph built inside
+    the block may be computed after it: the GEMMs' backward is in the graph. The optimizer may change the weights
+    inside the block only after a grad-enabled forward (see :func:`linear`).
     """
+    global _BF16_COPIES
     if not enabled:
         yield
         return
@@ -134,6 +183,9 @@ def fast_kernels(*models: nn.Module | None, enabled: bool = True) -> Iterator[No
     gemms = onednn_available()
     swapped: list[nn.Module] = []
     seen: set[int] = set()
+    outermost = _BF16_COPIES is None
+    if outermost:
+        _BF16_COPIES = {}
     try:
         for model in models:
             if model is None:
@@ -143,13 +195,63 @@ def fast_kernels(*models: nn.Module | None, enabled: bool = True) -> Iterator[No
                     continue
                 seen.add(id(module))
                 forward = _fast_forward(module, gemms)
-                if forward is not None:
-                    module.forward = forward
+                if forward is not None:  # bound, so a deep copy made inside the block binds to the copy
+                    module.forward = types.MethodType(forward, module)
                     swapped.append(module)
-        yield
+        with _attention_backend(backward):
+            yield
     finally:
         for module in swapped:
             del module.forward
+        if outermost:
+            _BF16_COPIES = None
+
+
+def _attention_backend(backward: bool):
+    """Under CPU bf16 autocast, blocks that run backward passes use SDPA's math kernel: PyTorch's CPU flash-attention
+    backward is about 2.5x slower in bf16 than the math kernel at PPO's short sequences (its forward is a little
+    faster, so rollouts keep it)."""
+    if backward and _autocast_bf16():
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
+
+
+_COMPILED_FORWARDS: dict[type, Any] = {}
+
+
+@contextlib.contextmanager
+def compiled_layers(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run the block with ``model``'s decoder layers' forwards compiled by ``torch.compile`` (``PPOConfig.compile``).
+
+    One compiled function per layer class, shared by all its layers (their weights are graph inputs), compiled on
+    first use and kept for the process; hooks and everything outside the layers stay eager. Layers are found by
+    :data:`lit_vhead.reference.LAYER_PATTERNS`; a model none of them matches runs eager (with a warning).
+    """
+    if not enabled:
+        yield
+        return
+    from lit_vhead.reference import find_layer_pattern, layer_module_names
+
+    try:
+        pattern, num_layers = find_layer_pattern(model)
+    except ValueError as error:
+        warnings.warn(f"ppo.compile: no decoder layers found, running eager ({error})", stacklevel=3)
+        yield
+        return
+    layers = [model.get_submodule(path) for path in layer_module_names(model, num_layers, pattern)]
+    layers = [layer for layer in layers if "forward" not in layer.__dict__]
+    for layer in layers:
+        cls = type(layer)
+        if cls not in _COMPILED_FORWARDS:
+            _COMPILED_FORWARDS[cls] = torch.compile(cls.forward)
+        layer.forward = types.MethodType(_COMPILED_FORWARDS[cls], layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters

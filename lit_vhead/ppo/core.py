@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lit_vhead.config import PPOConfig
-from lit_vhead.kernels import fast_kernels
+from lit_vhead.kernels import compiled_layers, fast_kernels
 from lit_vhead.metrics import PPOStats
 from lit_vhead.ppo.functional import (
     compute_advantages,
@@ -104,7 +104,8 @@ class PPOCore:
              step_index: int = 0) -> StepOutput:
         """Update the policy on ``rollout`` scored ``raw_scores`` ([B]); returns the step's statistics."""
         ppo = self.config
-        with fast_kernels(engine.policy, engine.reference.model, enabled=ppo.cpu_kernels):
+        kernels = fast_kernels(engine.policy, engine.reference.model, enabled=ppo.cpu_kernels, backward=True)
+        with kernels, compiled_layers(engine.policy, enabled=ppo.compile):
             return self._step(engine, rollout, raw_scores, eos_token_id, step_index)
 
     def _step(self, engine: Engine, rollout: Rollout, raw_scores: torch.Tensor, eos_token_id: int | None,
