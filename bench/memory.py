@@ -58,7 +58,8 @@ def word_tokenizer(vocab: int, directory: str) -> None:
 
     tok = Tokenizer(models.WordLevel({str(i): i for i in range(vocab)}, unk_token="2"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="0", eos_token="1", unk_token="2").save_pretrained(directory)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="0", eos_token="1", unk_token="2")
+    tokenizer.save_pretrained(directory)
 
 
 def run_one(config_name: str, mode: str, args: argparse.Namespace) -> dict:
@@ -87,7 +88,8 @@ def run_one(config_name: str, mode: str, args: argparse.Namespace) -> dict:
         model = "tiny-gpt2" if config["model_type"] == "gpt2" else "tiny-llama"
         overrides = [f"++model.config.{k}={v}" for k, v in config.items() if k != "model_type"]
         cfg = compose([f"model={model}", f"model.tokenizer={tmp}/tok", *overrides,
-                       f"data.prompts={tmp}/prompts.txt", f"ppo.steps={args.steps}", f"ppo.batch_size={args.batch_size}",
+                       f"data.prompts={tmp}/prompts.txt", f"ppo.steps={args.steps}",
+                       f"ppo.batch_size={args.batch_size}",
                        f"ppo.mini_batch_size={args.batch_size}", "ppo.ppo_epochs=1",
                        f"ppo.generation.max_new_tokens={args.response_tokens}",
                        f"ppo.generation.min_new_tokens={args.response_tokens}", "logger=csv", "callbacks=none",
@@ -110,7 +112,8 @@ def run_one(config_name: str, mode: str, args: argparse.Namespace) -> dict:
     return {"config": config_name, "mode": mode, "unique_param_mb": round(sum(unique.values()) / 2**20, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "ref_forward_s": round(median("time/ppo/reference_forward"), 4),
-            "step_s": round(median("time/ppo/total"), 3), "layers": config.get("n_layer", config.get("num_hidden_layers"))}
+            "step_s": round(median("time/ppo/total"), 3),
+            "layers": config.get("n_layer", config.get("num_hidden_layers"))}
 
 
 def main() -> None:
@@ -149,7 +152,8 @@ def main() -> None:
           f"{'vs copy':>7} {'step s':>7}")
     for r in rows:
         b = base.get(r["config"], r)
-        print(f"{r['config']:11} {r['mode']:16} {r['unique_param_mb']:15.1f} {r['unique_param_mb'] / b['unique_param_mb']:7.3f} "
+        print(f"{r['config']:11} {r['mode']:16} {r['unique_param_mb']:15.1f} "
+              f"{r['unique_param_mb'] / b['unique_param_mb']:7.3f} "
               f"{r['peak_rss_mb']:11.1f} {r['ref_forward_s']:9.4f} {r['ref_forward_s'] / b['ref_forward_s']:7.3f} "
               f"{r['step_s']:7.3f}")
     print(json.dumps({"bench": "memory", "rows": rows}))
