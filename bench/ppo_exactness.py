@@ -9,9 +9,12 @@ runs the same two steps (the same ``np.random.permutation`` minibatches), once p
 - ``plain``: ``cpu_kernels=False`` (PyTorch's default kernels: MKL sgemm, transformers' Python GELU);
 - ``cpu_kernels``: the default (oneDNN GEMMs, fused tanh-GELU; ``lit_vhead.kernels``).
 
+- ``trl start+1e-7``: the yardstick: TRL itself from the same start multiplied by ``1 + 1e-7 N(0, 1)`` (float
+  rounding of the start weights), against TRL from the exact start.
+
 Adam divides each gradient by its own running magnitude, so a gradient entry near zero turns a rounding difference
-into a visible step difference; that is why the figure is printed against the size of the update itself, and why
-``plain`` (which also differs from TRL, by operation order) is the yardstick for ``cpu_kernels``.
+into a visible step difference: on this workload rounding alone moves the update by about 1e-5 (the yardstick), so
+the figures are printed next to it and to the size of the update itself.
 
     OMP_NUM_THREADS=1 python bench/ppo_exactness.py --trl-python /tmp/trl-classic/bin/python
 
@@ -71,6 +74,33 @@ def run_trl(out: str) -> None:
     for k in range(1, STEPS + 1):
         trainer.step(queries, responses, scores)
         save_file(weights(model), os.path.join(out, f"trl_step{k}.safetensors"))
+    # the yardstick: TRL again, from the same start times (1 + 1e-7 N(0, 1)), i.e. float rounding of the start
+    model = AutoModelForCausalLMWithValueHead.from_pretrained(os.path.join(out, "start"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 1e-7 * torch.randn(p.shape, generator=g))
+    trainer = PPOTrainer(PPOConfig(**PPO), model, None, build_id_tokenizer(WORKLOAD["vocab_size"]))
+    for k in range(1, STEPS + 1):
+        trainer.step(queries, responses, scores)
+        save_file(weights(model), os.path.join(out, f"trl_perturbed_step{k}.safetensors"))
+
+
+def trl_yardstick(out: str) -> list[dict]:
+    """How far TRL itself lands from a start perturbed by float rounding."""
+    from safetensors.torch import load_file
+
+    start = load_file(os.path.join(out, "start", "model.safetensors"))
+    rows = []
+    for k in range(1, STEPS + 1):
+        trl = load_file(os.path.join(out, f"trl_step{k}.safetensors"))
+        perturbed = load_file(os.path.join(out, f"trl_perturbed_step{k}.safetensors"))
+        rows.append({
+            "step": k,
+            "max_abs_dw_vs_trl": max((perturbed[n] - trl[n]).abs().max().item() for n in trl),
+            "max_abs_update": max((trl[n] - start[n]).abs().max().item() for n in trl if n in start),
+        })
+    return rows
 
 
 def run_ours(out: str, cpu_kernels: bool) -> list[dict]:
@@ -110,12 +140,13 @@ def main() -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
         subprocess.run([args.trl_python, __file__, "--trl-child", out], check=True, env=env)
         sys.path.insert(0, str(HERE.parent))
-        results = {name: run_ours(out, flag) for name, flag in (("plain", False), ("cpu_kernels", True))}
+        results = {"trl start+1e-7": trl_yardstick(out)}
+        results.update({name: run_ours(out, flag) for name, flag in (("plain", False), ("cpu_kernels", True))})
     print(f"One PPOTrainer.step x{STEPS} on the ppo_step workload vs TRL 0.11.4 (fp32, same start, same minibatches)")
-    print(f"{'setting':12s} {'step':>4s} {'max|dW| vs TRL':>15s} {'max|update|':>12s}")
+    print(f"{'setting':15s} {'step':>4s} {'max|dW| vs TRL':>15s} {'max|update|':>12s}")
     for name, rows in results.items():
         for r in rows:
-            print(f"{name:12s} {r['step']:4d} {r['max_abs_dw_vs_trl']:15.2e} {r['max_abs_update']:12.2e}")
+            print(f"{name:15s} {r['step']:4d} {r['max_abs_dw_vs_trl']:15.2e} {r['max_abs_update']:12.2e}")
     print(json.dumps({"bench": "ppo_exactness", "workload": {**WORKLOAD, **PPO}, "results": results}))
 
 
