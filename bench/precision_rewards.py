@@ -98,7 +98,7 @@ def main() -> None:
             verdict = "one seed, no spread to compare with:"
         print(f"{other} - {base}: last10 mean {diff:+.3f} vs seed-to-seed std {noise:.3f} "
               f"({verdict} the run-to-run noise); "
-              f"PPO step {speed:.2f}x faster (sequential runs, not interleaved)")
+              f"PPO step speed {speed:.2f}x {base}'s (sequential runs, not interleaved)")
     print(json.dumps({"bench": "precision_rewards", "steps": args.steps, "runs": results, "summary": summary}))
 
 

@@ -89,9 +89,10 @@ class PPOConfig:
 
     Fields beyond TRL's: ``kl_penalty="k3"``, ``missing_eos_penalty`` (TRL PPOv2's: subtracted from the score of a
     response that never produced EOS), ``generation`` (``PPOModule``'s sampling settings), and two speed settings:
-    ``cpu_kernels`` (fp32 CPU passes through oneDNN GEMMs and a fused tanh-GELU, glibc keeps freed memory; results
-    differ from the plain kernels by float rounding only, see ``lit_vhead.kernels``) and ``compile``
-    (``torch.compile`` the policy's forward/backward; pays off after a few PPO steps, see ``bench/ppo_step.py``).
+    ``cpu_kernels`` (CPU passes through oneDNN GEMMs and a fused tanh-GELU, glibc keeps freed memory; results differ
+    from PyTorch's default kernels by float rounding only, see ``lit_vhead.kernels``) and ``compile``
+    (``torch.compile`` of the policy's decoder layers in the PPO update; on a CPU with ``cpu_kernels`` it does not
+    pay, see ``bench/ppo_step.py``).
     """
 
     exp_name: str = os.path.basename(sys.argv[0])[: -len(".py")]

@@ -1,17 +1,23 @@
-"""Faster CPU kernels for PPO's passes that change nothing but float rounding (``PPOConfig.cpu_kernels``).
+"""Faster kernels for PPO's passes that change nothing but float rounding (``PPOConfig.cpu_kernels``, ``compile``).
+
+``cpu_kernels`` (:func:`fast_kernels`, on by default):
 
 - fp32 GEMMs through oneDNN: PyTorch sends fp32 CPU matmuls to MKL's ``sgemm``, which on AMD CPUs takes its AVX2
-  path (about 105 GFLOP/s on one Zen 5 core); oneDNN's JIT GEMM uses AVX-512 there (about 235 GFLOP/s). Same
+  path (about 105 GFLOP/s on one Zen 5 core); oneDNN's JIT GEMM uses AVX-512 there (about 225 GFLOP/s). Same
   product, fp32 accumulation, another blocking: results differ from MKL's by rounding only (as between two CPUs).
 - GPT-2's ``gelu_new`` (seven elementwise kernels forward, more backward) as the one fused kernel
   ``F.gelu(approximate="tanh")``: the same formula.
+- under CPU bf16 autocast: the no-grad passes cast each weight to bf16 once per block instead of once per call, and
+  the update's backward passes use SDPA's math kernel (PyTorch's CPU flash-attention backward is slow in bf16).
 - glibc ``malloc`` keeps freed memory: by default it returns big freed blocks to the OS, so every minibatch
   page-faults its activation buffers in again (about 25k faults per PPO step on the benchmark workload).
 
 :func:`fast_kernels` swaps the forwards of the models' ``nn.Linear``/``Conv1D`` and ``NewGELUActivation`` modules for
 the duration of a block (instance attributes, removed on exit: nothing persists, copies and checkpoints see the
-plain modules). A swapped linear falls back to the module's own forward for anything but fp32 CPU tensors outside
-autocast, so GPU, bf16 and ``*-mixed`` runs are unchanged.
+plain modules). A swapped linear falls back to the module's own forward for anything but CPU fp32 parameters (and
+fp32 or bf16-autocast compute), so GPU, bf16 and fp16 runs keep PyTorch's kernels.
+
+``compile`` (:func:`compiled_layers`, off by default): ``torch.compile`` of the decoder layers during the update.
 """
 
 from __future__ import annotations
