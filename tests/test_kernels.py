@@ -8,24 +8,25 @@ import os
 
 import pytest
 import torch
-from conftest import CAUSAL, ROOT, tiny_hf_model
+from conftest import ROOT, SEQ2SEQ, TINY_CONFIGS, tiny_hf_model
 from safetensors.torch import load_file
 
 import lit_vhead.kernels as kernels
-from lit_vhead import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
+from lit_vhead import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PPOConfig, PPOTrainer
 from lit_vhead.kernels import compiled_layers, fast_kernels
 
 FIXTURES = os.path.join(ROOT, "tests", "data", "trl_step")
 
 
-def value_head_model(arch: str) -> AutoModelForCausalLMWithValueHead:
-    model = AutoModelForCausalLMWithValueHead.from_pretrained(tiny_hf_model(arch), summary_dropout_prob=0.0)
-    return model.eval()
+def value_head_model(arch: str):
+    cls = AutoModelForSeq2SeqLMWithValueHead if arch in SEQ2SEQ else AutoModelForCausalLMWithValueHead
+    return cls.from_pretrained(tiny_hf_model(arch), summary_dropout_prob=0.0).eval()
 
 
 def loss_and_grads(model, ids):
     model.zero_grad()
-    logits, _, values = model(ids, attention_mask=torch.ones_like(ids))
+    extra = {"decoder_input_ids": ids[:, :4]} if model.config.is_encoder_decoder else {}
+    logits, _, values = model(ids, attention_mask=torch.ones_like(ids), **extra)
     loss = logits.log_softmax(-1).mean() + values.square().mean()
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -40,7 +41,7 @@ def gemm_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("arch", CAUSAL)
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
 def test_fast_kernels_give_the_plain_loss_and_gradients_and_leave_nothing_behind(arch, gemm_calls):
     model = value_head_model(arch)
     ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
