@@ -12,7 +12,7 @@ import lightning as L
 
 from lit_vhead.reference import REFERENCE_MODES, ReferenceConfig
 
-__all__ = ["REFERENCE_MODES", "ReferenceModelCallback"]
+__all__ = ["REFERENCE_MODES", "ReferenceModelCallback", "SavePretrained"]
 
 
 class ReferenceModelCallback(L.Callback):
@@ -35,3 +35,16 @@ class ReferenceModelCallback(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         pl_module.ref = self.config
+
+
+class SavePretrained(L.Callback):
+    """At the end of ``fit``, while every rank still runs, save the policy (``save_pretrained``, value head included)
+    and its tokenizer to ``directory``: sharded (FSDP2) weights are gathered on every rank and written by rank 0."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.policy.save_pretrained(self.directory, is_main_process=trainer.is_global_zero)
+        if trainer.is_global_zero:
+            pl_module.tokenizer.save_pretrained(self.directory)

@@ -45,6 +45,11 @@ except ImportError:  # pragma: no cover - exercised only where peft is absent
 _HUB_KWARGS = ("token", "revision", "cache_dir", "local_files_only", "force_download", "subfolder")
 
 
+def _full_tensors(state_dict: dict) -> dict:
+    """The state dict with FSDP2-sharded ``DTensor`` values gathered into full tensors (a collective when sharded)."""
+    return {k: v.full_tensor() if type(v).__name__ == "DTensor" else v for k, v in state_dict.items()}
+
+
 def _peft_classes() -> tuple[type, ...]:
     return (PeftModel,) if PeftModel is not None else ()
 
@@ -346,9 +351,12 @@ class PreTrainedModelWrapper(nn.Module):
         offline from what the adapters record (built from a config, or a hub id not in the cache), the base is saved
         too, in ``base_model/``, and ``base_model_name_or_path`` points there. The directory need not exist; if it
         does, files other than the weights (a tokenizer) are kept, and a failed save leaves it untouched. Files follow
-        the umask.
+        the umask. Under FSDP2 or DDP call it on every rank with ``is_main_process=<rank 0>``: sharded weights are
+        gathered on every rank and written once.
         """
-        state_dict = kwargs.pop("state_dict", None) or self.state_dict()
+        state_dict = _full_tensors(kwargs.pop("state_dict", None) or self.state_dict())
+        if not kwargs.pop("is_main_process", True):  # FSDP/DDP: every rank gathers, one writes
+            return
         safe = kwargs.get("safe_serialization", True)
         model_bytes = sum(p.numel() * p.element_size() for p in self.hf_model.parameters())
         with atomic_directory(save_directory) as tmp, _progress_bars(model_bytes > _PROGRESS_BAR_MIN_BYTES):

@@ -36,7 +36,7 @@ from lit_vhead.config import HeadConfig, PPOConfig, as_head_config, as_ppo_confi
 from lit_vhead.data import check_prompt_batch, step_seed
 from lit_vhead.modeling import PreTrainedModelWrapper
 from lit_vhead.ppo.core import Engine, PPOCore, default_optimizer
-from lit_vhead.reference import Reference, ReferenceConfig
+from lit_vhead.reference import Reference, ReferenceConfig, shard_policy
 from lit_vhead.rewards import RewardInputs, RewardSource, as_reward_source, check_scores
 from lit_vhead.rollout import Rollout, generate
 
@@ -217,6 +217,10 @@ class PPOModule(L.LightningModule):
         ref = self.ref or ReferenceConfig(mode="peft" if self.policy.is_peft_model else "copy")
         self.__dict__["reference"] = ref.build(self.policy)
         self._reference_sum = reference_fingerprint(self.reference)
+        if self.device_mesh is not None:  # ModelParallelStrategy (FSDP2): shard the policy, after the copy
+            if ref.mode == "shared":
+                raise ValueError("ref.mode=shared cannot share storage with an FSDP-sharded policy; use ref=copy.")
+            shard_policy(self.policy, self.device_mesh["data_parallel"])
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]

@@ -275,3 +275,19 @@ class ReferenceConfig:
         reuse = self.reuse_trunk and self.mode == "shared"
         trunk = tuple(layer_module_names(policy, layers, self.pattern)) if reuse else ()
         return Reference(reference, self.mode, trunk=trunk)
+
+
+def shard_policy(policy: nn.Module, mesh: Any) -> None:
+    """FSDP2 (``fully_shard``) over ``mesh``: each decoder layer, the base model and the value head, in place.
+
+    The hooks fire on ``__call__``, so generation, ``forward_with_values`` and the head all gather their weights.
+    The reference is built before this, from the plain (unsharded) policy.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    _, num_layers = find_layer_pattern(policy)
+    for path in layer_module_names(policy, num_layers):
+        fully_shard(policy.get_submodule(path), mesh=mesh)
+    fully_shard(policy.pretrained_model, mesh=mesh)
+    fully_shard(policy.v_head, mesh=mesh)
+

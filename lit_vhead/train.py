@@ -21,6 +21,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from lit_vhead.builders import build_tokenizer, check_model_source, model_config_of, value_head_class
+from lit_vhead.callbacks import SavePretrained
 from lit_vhead.checkpoint import CheckpointError
 from lit_vhead.config import as_ppo_config
 from lit_vhead.loggers import CSVLogger
@@ -193,6 +194,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 logger.keep_before_step = resume_step
     summary = RunSummary()
     callbacks = _instantiate_dict(cfg.get("callbacks")) + [summary]
+    if cfg.get("save_pretrained_dir"):
+        callbacks.append(SavePretrained(cfg.save_pretrained_dir))
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -211,8 +214,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         if cfg.get("save_pretrained_dir"):
-            module.policy.save_pretrained(cfg.save_pretrained_dir)
-            tokenizer.save_pretrained(cfg.save_pretrained_dir)
             if not Path(cfg.save_pretrained_dir).is_relative_to(output_dir):
                 print(f"Saved the trained policy (value head included) to {cfg.save_pretrained_dir}")
         if cfg.get("plot") and (output_dir / "csv" / "metrics.csv").is_file():

@@ -10,7 +10,6 @@ through (a DDP wrapper or the bare policy).
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -38,8 +37,15 @@ from lit_vhead.rollout import Rollout, forward
 
 
 def default_optimizer(learning_rate: float) -> Callable[[Any], torch.optim.Optimizer]:
-    """TRL's optimizer: Adam over the trainable parameters at ``learning_rate``, fused (one kernel per step)."""
-    return functools.partial(torch.optim.Adam, lr=learning_rate, fused=True)
+    """TRL's optimizer: Adam over the trainable parameters at ``learning_rate``, fused (one kernel per step) unless
+    the parameters are sharded DTensors (FSDP2)."""
+
+    def build(params: Any) -> torch.optim.Optimizer:
+        params = list(params)
+        sharded = any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in params)
+        return torch.optim.Adam(params, lr=learning_rate, fused=not sharded)
+
+    return build
 
 
 def world_size() -> int:
