@@ -116,8 +116,13 @@ class PreTrainedModelWrapper(nn.Module):
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict:
         return self.pretrained_model.prepare_inputs_for_generation(*args, **kwargs)
 
-    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
-        self.pretrained_model.gradient_checkpointing_enable(*args, **kwargs)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Checkpoint the base's layers (non-reentrant unless told otherwise); a PEFT base also gets gradients on its
+        input embeddings, without which checkpointed layers with frozen inputs would give the adapters none."""
+        kwargs = {"use_reentrant": False} if gradient_checkpointing_kwargs is None else gradient_checkpointing_kwargs
+        self.pretrained_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if self.is_peft_model:
+            self.pretrained_model.enable_input_require_grads()
 
     def gradient_checkpointing_disable(self) -> None:
         self.pretrained_model.gradient_checkpointing_disable()

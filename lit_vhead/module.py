@@ -15,6 +15,7 @@ and ``python train.py`` builds it from the Hydra config through the same constru
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -40,8 +41,20 @@ from lit_vhead.reference import Reference, ReferenceConfig, shard_policy
 from lit_vhead.rewards import RewardInputs, RewardSource, as_reward_source, check_scores
 from lit_vhead.rollout import Rollout, generate
 
-# Lightning warns when max_epochs is unset; PPOModule then sets it to ppo.steps (see `setup`).
+
+class _DropLightningTips(logging.Filter):
+    """Lightning's advertisements for its cloud services ("💡 Tip: ...") tell a PPO user nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in str(record.msg)
+
+
+# Third-party noise that tells the user nothing: Lightning's and peft's own uses of deprecated torch/transformers
+# APIs, Lightning's tips, and its warning when max_epochs is unset (PPOModule then sets it to ppo.steps, see `setup`).
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message="`max_epochs` was not set", module="lightning")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 _LIGHTNING_DEFAULT_LOG_EVERY = 50
 
@@ -210,9 +223,7 @@ class PPOModule(L.LightningModule):
         if self.policy is None:
             self.policy = build_policy(self.policy_source, self.head, self.peft_config, self._reward_adapter)
         if self.ppo.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if self.policy.is_peft_model:
-                self.policy.enable_input_require_grads()
+            self.policy.gradient_checkpointing_enable()
         self.policy.train()
         ref = self.ref or ReferenceConfig(mode="peft" if self.policy.is_peft_model else "copy")
         self.__dict__["reference"] = ref.build(self.policy)

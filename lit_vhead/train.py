@@ -7,7 +7,6 @@ output dir) runs before any model is built or any step runs.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import warnings
@@ -34,18 +33,6 @@ from lit_vhead.sweep import fix_ddp_children_in_multirun
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
 
 
-class _DropLightningTips(logging.Filter):
-    """Lightning's advertisement for its cloud logger tells a user of this CLI nothing."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in str(record.msg)
-
-
-# Third-party noise that tells the user nothing: Lightning's and peft's own uses of deprecated torch/transformers
-# APIs, and Lightning's tip.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
-warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 
 
 def _instantiate(node: Any, **kwargs: Any) -> Any:

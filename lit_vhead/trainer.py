@@ -47,6 +47,7 @@ from lit_vhead.checkpoint import atomic_directory
 from lit_vhead.config import PPOConfig, as_ppo_config
 from lit_vhead.core import convert_to_scalar, set_seed
 from lit_vhead.data import pad_queries
+from lit_vhead.kernels import fast_kernels
 from lit_vhead.modeling import PreTrainedModelWrapper
 from lit_vhead.ppo.core import Engine, PPOCore, StepOutput, default_optimizer
 from lit_vhead.reference import Reference, ReferenceConfig
@@ -291,9 +292,7 @@ class PPOTrainer:
         self.reference = self._build_reference(policy, ref_model, num_shared_layers)
         self.ref_model = None if self.reference.mode == "peft" else self.reference.model
         if config.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if self.is_peft_model:
-                policy.enable_input_require_grads()
+            policy.gradient_checkpointing_enable()
         if optimizer is None:
             optimizer = default_optimizer(config.learning_rate)([p for p in policy.parameters() if p.requires_grad])
         self._wrapped, self.optimizer = self.fabric.setup(policy, optimizer)
@@ -415,7 +414,7 @@ class PPOTrainer:
         was_training = model.training
         model.eval()
         try:
-            with self.fabric.autocast():
+            with self.fabric.autocast(), fast_kernels(unwrap(model), enabled=self.config.cpu_kernels):
                 return run(model)
         finally:
             model.train(was_training)

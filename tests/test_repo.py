@@ -88,18 +88,3 @@ def test_kl_estimators_are_listed_once_and_the_readme_agrees(tmp_path):
     listed = re.search(r"`ppo\.kl_penalty`: ([a-z0-9, ]+)\)", readme).group(1)
     assert [k.strip() for k in listed.split(",")] == list(KL_PENALTY_KINDS)
 
-
-@pytest.mark.parametrize("name", ["reference_memory.ipynb", "migrating_from_trl.ipynb"])
-def test_notebooks_are_committed_executed(name):
-    """A reader on the web sees the results: every code cell ran, in order, without errors, up to the final checks
-    (tests/test_notebooks.py still re-executes them)."""
-    import nbformat
-
-    nb = nbformat.read(Path(ROOT, "notebooks", name), as_version=4)
-    code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
-    outputs = [o for cell in code for o in cell.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    assert any(o.output_type == "display_data" and "image/png" in o.data for o in outputs) or name != \
-        "reference_memory.ipynb"
-    assert "all checks passed" in "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
