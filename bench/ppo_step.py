@@ -2,7 +2,7 @@
 
 Presets (``--preset``; any field can still be set by its flag):
 
-- ``workload`` (the PPO issue's, see ../shared/docs/ppo-reference.md §6): GPT-2 config n_layer=4, n_embd=256,
+- ``workload`` (issue 12's: the one TRL classic was measured on): GPT-2 config n_layer=4, n_embd=256,
   n_head=4, vocab_size=512, random init, batch 32, 16+32 tokens, mini-batch 8, 4 PPO epochs, 1 thread.
 - ``gpt2-small``: GPT-2 small's config (12x768, vocab 50257), random init, batch 16, 16+32 tokens, mini-batch 4,
   4 PPO epochs, 2 threads.

@@ -30,7 +30,7 @@ from lit_vhead.ppo import (
     ppo_loss,
 )
 
-# A copy of ../shared/data/trl-classic-ppo-vectors.json (TRL 0.11.4 oracle vectors), kept with the tests.
+# TRL 0.11.4 oracle vectors (its classic PPO math on random, padded inputs), vendored with the tests.
 ORACLE_PATH = Path(__file__).resolve().parent / "data" / "trl-classic-ppo-vectors.json"
 ORACLE = json.loads(ORACLE_PATH.read_text())
 PPO_CASES = ORACLE["ppo_cases"]

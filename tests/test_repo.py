@@ -1,5 +1,5 @@
-"""The repository itself: it points only at files it has (or at ../shared, which CI checks out beside it), test helpers
-do not look like test files, and each config default has one source."""
+"""The repository itself: it points only at files it has (nothing outside the checkout, which a clone may not have
+beside it), test helpers do not look like test files, and each config default has one source."""
 
 import re
 import subprocess
@@ -13,7 +13,7 @@ from lit_vhead.config import HeadConfig, PPOConfig
 from lit_vhead.ppo import KL_PENALTY_KINDS
 
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".toml", ".ipynb", ".txt", ".cfg"}
-# A path to a document or data file written in prose or code: docs/x.md, ../shared/data/y.json, tests/data/...
+# A path to a document or data file written in prose or code: docs/x.md, data/y.json, tests/data/...
 POINTER = re.compile(r"(?<![\w/.])((?:\.\./shared/)?(?:docs|data|seed)/[\w./-]+\.(?:md|json|txt))")
 
 
@@ -29,6 +29,7 @@ def test_every_document_the_repo_points_at_exists():
         if file == Path(__file__):
             continue
         assert "/work/" not in text, f"{file} points at this machine's /work/ tree; use a path relative to the repo"
+        assert "../shared" not in text, f"{file} points outside the repository (../shared); cite or vendor instead"
         for pointer in POINTER.findall(text):
             candidates = [Path(ROOT, pointer), file.parent / pointer, Path(ROOT, "tests", pointer)]
             if not any(c.exists() for c in candidates):
