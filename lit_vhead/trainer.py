@@ -203,6 +203,12 @@ class Accelerator:
             return
         for logger in self.fabric.loggers:
             logger.log_metrics(_for_logger(logger, values), step=step)
+            logger.save()  # flushed at every step: a classic loop has no end hook that would flush it
+
+    def end_training(self) -> None:
+        """Close the loggers (accelerate's ``end_training``)."""
+        for logger in self.fabric.loggers:
+            logger.finalize("success")
 
 
 def _for_logger(logger: Any, values: dict[str, Any]) -> dict[str, Any]:

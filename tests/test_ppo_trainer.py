@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -461,6 +462,42 @@ def test_log_stats_writes_csv_rows(tmp_path):
     assert float(rows[1]["env/reward_mean"]) == pytest.approx(float(np.mean([float(r) for r in rewards])))
     assert float(rows[1]["objective/kl"]) == pytest.approx(stats["objective/kl"])
     assert "objective/kl_dist" not in rows[0]  # arrays go to wandb only
+
+
+def read_tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` from the TensorBoard event files under ``directory`` (TFRecord framing)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(directory).rglob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_log_with_tensorboard_writes_the_step_scalars(tmp_path):
+    config = PPOConfig(batch_size=4, mini_batch_size=2, log_with="tensorboard",
+                       project_kwargs={"logging_dir": str(tmp_path)})
+    trainer = quiet_trainer(config, tiny_policy(), None, byt5())
+    queries = queries_of(PROMPTS)
+    for _ in range(2):
+        responses = trainer.generate(queries, return_prompt=False, max_new_tokens=4, **SAMPLING)
+        rewards = [torch.tensor(float(len(r))) for r in responses]
+        stats = trainer.step(queries, responses, rewards)
+        trainer.log_stats(stats, {"query": PROMPTS, "response": ["x"] * 4}, rewards)
+    scalars = read_tensorboard_scalars(tmp_path)  # flushed at every step, before any end_training()
+    assert [step for step, _ in scalars["env/reward_mean"]] == [0, 1]
+    assert scalars["env/reward_mean"][1][1] == pytest.approx(float(np.mean([float(r) for r in rewards])))
+    assert scalars["objective/kl"][1][1] == pytest.approx(stats["objective/kl"], rel=1e-6)
+    trainer.accelerator.end_training()
 
 
 def resumable_run(state_dir=None, steps=2, save_to=None) -> tuple[list[dict], dict]:

@@ -434,3 +434,12 @@ def test_peft_reference_can_be_a_named_frozen_adapter(tmp_path):
         base_logits = module.policy(ids)[0]
     assert not torch.allclose(ref_logits, base_logits)  # the SFT adapter, not the bare base
     assert peft_model.active_adapter == "default"
+
+
+def test_tensorboard_logger_gets_every_ppo_step(tmp_path):
+    from test_ppo_trainer import read_tensorboard_scalars
+
+    metrics = train(compose([*FAST, "logger=tensorboard"], tmp_path))
+    scalars = read_tensorboard_scalars(tmp_path / "tensorboard")
+    assert [step for step, _ in scalars["env/reward_mean"]] == [0, 1, 2, 3]
+    assert scalars["objective/kl"][-1][1] == pytest.approx(metrics["objective/kl"], rel=1e-6)
