@@ -446,8 +446,10 @@ def test_trl_core_helpers():
     assert response.shape == (2, 5) and response.dtype == torch.long
 
 
-def test_log_stats_writes_csv_rows(tmp_path):
-    config = PPOConfig(batch_size=4, mini_batch_size=2, log_with="csv", project_kwargs={"logging_dir": str(tmp_path)})
+def two_logged_steps(log_with: str, logging_dir) -> tuple[PPOTrainer, dict, list[torch.Tensor]]:
+    """Two classic generate/step/log_stats iterations logging with ``log_with``; the trainer and the last stats."""
+    config = PPOConfig(batch_size=4, mini_batch_size=2, log_with=log_with,
+                       project_kwargs={"logging_dir": str(logging_dir)})
     trainer = quiet_trainer(config, tiny_policy(), None, byt5())
     queries = queries_of(PROMPTS)
     for _ in range(2):
@@ -455,6 +457,11 @@ def test_log_stats_writes_csv_rows(tmp_path):
         rewards = [torch.tensor(float(len(r))) for r in responses]
         stats = trainer.step(queries, responses, rewards)
         trainer.log_stats(stats, {"query": PROMPTS, "response": ["x"] * 4}, rewards)
+    return trainer, stats, rewards
+
+
+def test_log_stats_writes_csv_rows(tmp_path):
+    _, stats, rewards = two_logged_steps("csv", tmp_path)
     import csv
 
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
@@ -484,15 +491,7 @@ def read_tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_log_with_tensorboard_writes_the_step_scalars(tmp_path):
-    config = PPOConfig(batch_size=4, mini_batch_size=2, log_with="tensorboard",
-                       project_kwargs={"logging_dir": str(tmp_path)})
-    trainer = quiet_trainer(config, tiny_policy(), None, byt5())
-    queries = queries_of(PROMPTS)
-    for _ in range(2):
-        responses = trainer.generate(queries, return_prompt=False, max_new_tokens=4, **SAMPLING)
-        rewards = [torch.tensor(float(len(r))) for r in responses]
-        stats = trainer.step(queries, responses, rewards)
-        trainer.log_stats(stats, {"query": PROMPTS, "response": ["x"] * 4}, rewards)
+    trainer, stats, rewards = two_logged_steps("tensorboard", tmp_path)
     scalars = read_tensorboard_scalars(tmp_path)  # flushed at every step, before any end_training()
     assert [step for step, _ in scalars["env/reward_mean"]] == [0, 1]
     assert scalars["env/reward_mean"][1][1] == pytest.approx(float(np.mean([float(r) for r in rewards])))
