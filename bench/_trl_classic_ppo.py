@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_step import StepGate, build_id_tokenizer, emit, make_queries, parse_args, peak_rss_mib  # noqa: E402
+from ppo_step import SAMPLING, StepGate, build_id_tokenizer, emit, make_queries, parse_args, peak_rss_mib  # noqa: E402
 
 
 def main() -> None:
@@ -61,14 +61,10 @@ def main() -> None:
             output = trainer.model.generate(
                 input_ids=queries,
                 attention_mask=torch.ones_like(queries),
-                do_sample=True,
-                top_k=0,
-                top_p=1.0,
                 max_new_tokens=r_len,
                 min_new_tokens=r_len,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=None,
-                use_cache=True,
+                **SAMPLING,
             )
         responses = output[:, q_len:]
         t1 = time.perf_counter()

@@ -71,6 +71,8 @@ RESULT_PREFIX = "BENCH_RESULT "
 STEP_PREFIX = "BENCH_STEP "
 READY = "BENCH_READY"
 PARTS = ("generation", "scoring", "optimisation")
+# The workload's sampling for every side: pure sampling, exactly the response length, no EOS stop, KV cache.
+SAMPLING = dict(do_sample=True, top_k=0, top_p=1.0, eos_token_id=None, use_cache=True)
 
 PRESETS = {
     "workload": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512, batch_size=32, query_len=16, response_len=32,
@@ -383,14 +385,10 @@ def floor_step(args, step: int, model, v_head, reference, optimizer) -> dict:
         seq = model.generate(
             input_ids=queries,
             attention_mask=torch.ones_like(queries),
-            do_sample=True,
-            top_k=0,
-            top_p=1.0,
             max_new_tokens=r_len,
             min_new_tokens=r_len,
             pad_token_id=0,
-            eos_token_id=None,
-            use_cache=True,
+            **SAMPLING,
         )
     synchronize(device)
     t1 = time.perf_counter()
