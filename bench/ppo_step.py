@@ -17,7 +17,9 @@ Sides (``--sides``), each in its own process (so each has its own peak RSS), ``O
   ``cpu_kernels`` on), one Lightning epoch per PPO step; ``wall`` is the whole epoch (data, ``training_step``,
   logging, loop), split by the module's logged ``time/ppo/*`` metrics. Variants of it: ``plain``
   (``ppo.cpu_kernels=False``: PyTorch's default kernels), ``bf16`` (``precision=bf16-mixed``), ``bf16-plain``
-  (both), ``compile`` (``ppo.compile=True``), ``compile-plain`` (both), ``shared`` (``ref=shared``,
+  (both), ``compile`` (``ppo.compile=True``), ``compile-plain`` (both), ``bf16-compile`` (both),
+  ``in-backward`` (``ppo.optimizer_in_backward=True``: each parameter stepped, and its gradient dropped, during
+  backward), ``shared`` (``ref=shared``,
   k = n_layer/2), ``peft`` (LoRA r=8 on all linear layers, ``ref=peft``: the policy with adapters disabled).
 - ``trainer``: ``lit_vhead.PPOTrainer.step`` (TRL's classic loop API, on Fabric), run by the very script of the
   ``trl`` side (``bench/_trl_classic_ppo.py --impl lit_vhead``: only the import differs).
@@ -80,7 +82,7 @@ PRESETS = {
                      sides="floor,ours,plain,trainer,trl,gemm"),
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, batch_size=16, query_len=16,
                        response_len=32, mini_batch_size=4, ppo_epochs=4, threads=2, steps=3, warmup=1,
-                       sides="ours,trl,shared,peft,gemm"),
+                       sides="ours,in-backward,trl,shared,peft,gemm"),
 }
 # The PPOModule variants: what each changes from the defaults.
 OURS = {
@@ -90,6 +92,8 @@ OURS = {
     "bf16-plain": {"precision": "bf16-mixed", "cpu_kernels": False},
     "compile": {"compile": True},
     "compile-plain": {"compile": True, "cpu_kernels": False},
+    "bf16-compile": {"precision": "bf16-mixed", "compile": True},
+    "in-backward": {"optimizer_in_backward": True},
     "shared": {"ref": "shared"},
     "peft": {"peft": True},
 }
@@ -316,6 +320,7 @@ def run_ours(args, side: str) -> dict:
             "learning_rate": args.learning_rate,
             "cpu_kernels": variant.get("cpu_kernels", True),
             "compile": variant.get("compile", False),
+            "optimizer_in_backward": variant.get("optimizer_in_backward", False),
             "generation": {
                 "max_new_tokens": args.response_len,
                 "min_new_tokens": args.response_len,

@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lit_vhead.builders import (
     build_policy,
@@ -275,6 +276,8 @@ class PPOModule(L.LightningModule):
             order=lambda n: torch.randperm(n, generator=generator),
             scheduler=self.lr_schedulers(),
             temperature=self.ppo.generation.temperature,
+            local_gradients=isinstance(self.trainer.strategy, SingleDeviceStrategy)
+            and getattr(self.trainer.precision_plugin, "scaler", None) is None,
         )
         output = self.core.step(engine, rollout, scores, self.tokenizer.eos_token_id, step)
         metrics = output.stats
@@ -348,8 +351,8 @@ def reference_fingerprint(reference: Reference) -> float | None:
     params = [p for n, p in reference.model.named_parameters() if not n.startswith("v_head.")]
     if reference.mode == "peft" or any(p.is_meta for p in params):
         return None
-    with torch.no_grad():
-        return float(sum(p.sum(dtype=torch.float64).item() for p in params))
+    with torch.no_grad():  # in chunks: a float64 copy of a whole embedding matrix would raise peak memory
+        return float(sum(c.sum(dtype=torch.float64).item() for p in params for c in p.reshape(-1).split(1 << 18)))
 
 
 def reward_inputs(rollout: Rollout, tokenizer: Any) -> RewardInputs:

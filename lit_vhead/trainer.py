@@ -40,6 +40,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, Dataset
 
 from lit_vhead.builders import check_tokenizer
@@ -484,6 +485,8 @@ class PPOTrainer:
             order=lambda n: np.random.permutation(n),  # TRL's draw: same seed, same minibatches
             scheduler=self.lr_scheduler,
             temperature=1.0,  # TRL classic scores the sampled tokens under the untempered policy
+            local_gradients=isinstance(self.fabric.strategy, SingleDeviceStrategy)
+            and getattr(self.fabric.strategy.precision, "scaler", None) is None,
         )
         with self.fabric.autocast():
             output = self.core.step(engine, rollout, raw_scores, self.tokenizer.eos_token_id, self.steps_done)

@@ -1,5 +1,6 @@
 """Value-head models and checkpoints: every tiny architecture, TRL 0.29.1 compatibility both ways, PEFT, the reward
-adapter, and each TRL bug that lit_vhead fixes (TRL 0.29.1's behaviour, checked against trl==0.29.1 where it is installed)."""
+adapter, and each TRL bug that lit_vhead fixes (TRL 0.29.1's behaviour, checked against trl==0.29.1 where it is
+installed)."""
 
 from __future__ import annotations
 

@@ -136,3 +136,36 @@ def test_missing_eos_penalty_lowers_the_score_of_responses_without_eos():
     assert torch.equal(transformed, expected)
     off = PPOCore(PPOConfig(batch_size=BATCH, mini_batch_size=2)).transform_scores(scores, data, eos_token_id=1)
     assert torch.equal(off, scores)
+
+
+class FreshWeightsCheck(torch.nn.Module):
+    """The training forward of the policy, checked against the same forward with autocast's weight cache off."""
+
+    def __init__(self, policy) -> None:
+        super().__init__()
+        self.policy, self.diffs = policy, []
+
+    def forward_with_values(self, **inputs):
+        output, values = self.policy.forward_with_values(**inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            fresh, _ = self.policy.forward_with_values(**inputs)
+        self.diffs.append((output.logits.float() - fresh.logits.float()).abs().max().item())
+        return output, values
+
+
+def test_every_minibatch_under_autocast_runs_on_the_updated_weights():
+    """Lightning and Fabric run the whole PPO step inside one autocast region, whose cache would keep serving the
+    weights cast before the first update to every later minibatch."""
+    policy = AutoModelForCausalLMWithValueHead(tiny_hf_model("gpt2"))
+    check = FreshWeightsCheck(policy)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    order = torch.Generator().manual_seed(1)
+    engine = Engine(
+        model=check, policy=policy, reference=ReferenceConfig("copy").build(policy),
+        optimizer=torch.optim.Adam(params, lr=1e-2), backward=lambda loss: loss.backward(),
+        clip_gradients=lambda max_norm: None, order=lambda n: torch.randperm(n, generator=order),
+    )
+    config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        PPOCore(config).step(engine, rollout(), torch.linspace(-10, 10, BATCH), eos_token_id=1)
+    assert len(check.diffs) == 2 * BATCH // 2 and max(check.diffs) == 0.0

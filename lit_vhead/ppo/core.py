@@ -10,6 +10,7 @@ through (a DDP wrapper or the bare policy).
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from lit_vhead.ppo.functional import (
     ppo_loss,
 )
 from lit_vhead.ppo.kl import make_kl_controller
+from lit_vhead.ppo.optimizer_in_backward import optimizer_in_backward, why_not
 from lit_vhead.ppo.running_moments import RunningMoments
 from lit_vhead.reference import Reference
 from lit_vhead.rollout import Rollout, forward
@@ -74,6 +76,7 @@ class Engine:
     order: Callable[[int], torch.Tensor]  # a permutation of range(batch size), drawn once per PPO epoch
     scheduler: Any = None  # stepped once per PPO step
     temperature: float = 1.0  # logits are divided by it in every pass (the rollout's sampling temperature)
+    local_gradients: bool = False  # gradients are final when backward returns: one process, no GradScaler
 
 
 @dataclass
@@ -208,12 +211,25 @@ class PPOCore:
 
     def _optimize(self, engine: Engine, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
                   step_index: int) -> torch.Tensor:
-        """``ppo_epochs`` passes of shuffled minibatches, one optimizer step per backward batch (TRL's loop).
+        """``ppo_epochs`` passes of shuffled minibatches, one optimizer step per backward batch (TRL's loop), the
+        step inside backward where that is exact (``ppo.optimizer_in_backward``).
 
         Returns the probability ratios seen at the response tokens of every minibatch (for TRL's histogram)."""
+        ppo, ratios = self.config, []
+        in_backward = ppo.optimizer_in_backward and why_not(
+            engine.optimizer, ppo.max_grad_norm, ppo.gradient_accumulation_steps, engine.local_gradients
+        ) is None
+        with optimizer_in_backward(engine.optimizer) if in_backward else contextlib.nullcontext():
+            skipped = self._epochs(engine, rollout, advantages, returns, step_index, ratios)
+        self.stats.update({"ppo/skipped_batches": float(skipped)})
+        return torch.cat(ratios)
+
+    def _epochs(self, engine: Engine, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
+                step_index: int, ratios: list[torch.Tensor]) -> int:
+        """The minibatch loop of :meth:`_optimize`; appends to ``ratios``, returns the number of skipped batches."""
         ppo, optimizer = self.config, engine.optimizer
         batch_size = rollout.response_ids.shape[0]
-        skipped, ratios = 0, []
+        skipped = 0
         for _ in range(ppo.ppo_epochs):
             order = torch.as_tensor(engine.order(batch_size), device=rollout.response_ids.device)
             stats = {}
@@ -251,12 +267,14 @@ class PPOCore:
                         engine.clip_gradients(ppo.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
+                # Autocast caches the low-precision copy of each weight for its whole region (Lightning's and Fabric's
+                # cover the PPO step): drop it, or the next minibatch runs on the weights before this update.
+                torch.clear_autocast_cache()
                 self.stats.update({f"ppo/{k}": v for k, v in stats.items()})
             if ppo.early_stopping and world_mean(stats["policy/policykl"]) > 1.5 * ppo.target_kl:
                 optimizer.zero_grad()
                 break
-        self.stats.update({"ppo/skipped_batches": float(skipped)})
-        return torch.cat(ratios)
+        return skipped
 
     def _statistics(self, engine: Engine, rollout: Rollout, raw_scores: torch.Tensor, scores: torch.Tensor,
                     kl_per_sample: torch.Tensor, non_score_rewards: torch.Tensor, kl_coef: float) -> dict[str, float]:
