@@ -8,22 +8,14 @@ wherever it would not be exact.
 import lightning as L
 import pytest
 import torch
-import transformers
 from conftest import tiny_hf_model
 from test_ppo_core import BATCH, rollout
+from test_python_api import PPO, PROMPTS, vowels
 
 from lit_vhead import AutoModelForCausalLMWithValueHead, PPOConfig, PPOModule, PPOTrainer, PromptDataModule
 from lit_vhead.ppo.core import Engine, PPOCore, default_optimizer
 from lit_vhead.ppo.optimizer_in_backward import why_not
 from lit_vhead.reference import ReferenceConfig
-
-PPO = {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "learning_rate": 1e-3,
-       "generation": {"max_new_tokens": 4}}
-PROMPTS = ["Hello there", "The cat sat", "Once upon a time", "I think that"]
-
-
-def vowels(prompts, responses, **kw):
-    return [10 * sum(c in "aeiou " for c in r) / max(len(r), 1) for r in responses]
 
 
 class GradientCensus:
@@ -107,11 +99,6 @@ def test_why_not_names_what_rules_it_out(case, reason):
     got = why_not(optimizer, case.get("max_grad_norm"), case.get("gradient_accumulation_steps", 1),
                   case.get("single_process", True))
     assert got == reason if reason is None else reason in got
-
-
-@pytest.fixture(scope="module")
-def byt5():
-    return transformers.ByT5Tokenizer(extra_ids=0)
 
 
 def fit(byt5, in_backward: bool, precision: str = "32-true"):
