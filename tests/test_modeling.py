@@ -813,9 +813,10 @@ def test_our_checkpoints_load_and_save_without_transformers_noise(saved_gpt2, tm
     """No LOAD REPORT calling our own ``v_head.*`` tensors UNEXPECTED, no progress bar for a 0.5 MB model; a key that
     really is unexpected is still reported."""
     hf_logging = transformers.utils.logging
-    verbosity = hf_logging.get_verbosity()
+    verbosity, propagate = hf_logging.get_verbosity(), hf_logging.get_logger().propagate
     hf_logging.set_verbosity_warning()
     hf_logging.enable_progress_bar()
+    hf_logging.enable_propagation()  # to caplog, whatever another library or pytest version did to the logger
     try:
         capfd.readouterr()
         model = CLM.from_pretrained(saved_gpt2.path)
@@ -829,6 +830,7 @@ def test_our_checkpoints_load_and_save_without_transformers_noise(saved_gpt2, tm
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.disable_progress_bar()
+        hf_logging.get_logger().propagate = propagate
     assert "Loading weights" not in bars.err and "Writing model shards" not in bars.err
     assert "LOAD REPORT" not in quiet
     report = caplog.text[len(quiet):]
