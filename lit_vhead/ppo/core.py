@@ -267,8 +267,9 @@ class PPOCore:
                         engine.clip_gradients(ppo.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
-                # Autocast caches the low-precision copy of each weight for its whole region (Lightning's and Fabric's
-                # cover the PPO step): drop it, or the next minibatch runs on the weights before this update.
+                # Autocast caches the low-precision copy of each weight for its whole region (Fabric's and a user's
+                # own cover the PPO step; Lightning's has the cache off): drop it, or the next minibatch runs on the
+                # weights before this update.
                 torch.clear_autocast_cache()
                 self.stats.update({f"ppo/{k}": v for k, v in stats.items()})
             if ppo.early_stopping and world_mean(stats["policy/policykl"]) > 1.5 * ppo.target_kl:
