@@ -74,6 +74,49 @@ def test_other_dtypes_and_autocast_fp16_run_the_modules_own_gemms(gemm_calls):
     assert len(gemm_calls) == 1  # only the value head, which runs in fp32 outside autocast
 
 
+def test_the_gelu_rewrite_is_gpt2s_tanh_gelu_in_value_and_gradient():
+    """Above 16k elements GPT-2's ``gelu_new`` runs as ``x·σ(2u)``: the same function, float rounding apart."""
+    from transformers.activations import NewGELUActivation
+
+    gelu = NewGELUActivation()
+    x = (torch.randn(8, 48, 1024, generator=torch.Generator().manual_seed(0)) * 4).requires_grad_()
+    grad_out = torch.randn_like(x)
+    exact = x.detach().double().requires_grad_()
+    torch.nn.functional.gelu(exact, approximate="tanh").backward(grad_out.double())
+    with fast_kernels(gelu):
+        y = gelu(x)
+        with torch.no_grad():
+            y_no_grad = gelu(x)
+    y.backward(grad_out)
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "_GeluTanhBackward"  # the rewrite ran
+    assert torch.equal(y_no_grad, y.detach())
+    assert (y.double() - torch.nn.functional.gelu(exact.detach(), approximate="tanh")).abs().max() < 1e-6
+    assert (x.grad.double() - exact.grad).abs().max() < 2e-5
+    assert "forward" not in gelu.__dict__
+
+
+def test_fast_gemm_gradients_are_right_for_both_weight_layouts_and_expanded_gradients():
+    """Weight gradients come out in each weight's own layout (contiguous, nothing to copy), also when the incoming
+    gradient is an expanded one (the gradient of a sum)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layers = [Conv1D(96, 32), torch.nn.Linear(96, 32)]  # [in, out] and [out, in] weights
+    x = torch.randn(3, 40, 32, requires_grad=True)
+    with fast_kernels(*layers):
+        fast = layers[1](torch.tanh(layers[0](x))).sum()
+    fast.backward()
+    fast_grads = [p.grad.clone() for layer in layers for p in layer.parameters()] + [x.grad.clone()]
+    assert all(g.is_contiguous() for g in fast_grads)
+    for layer in layers:
+        layer.zero_grad()
+    x.grad = None
+    layers[1](torch.tanh(layers[0](x))).sum().backward()
+    plain_grads = [p.grad for layer in layers for p in layer.parameters()] + [x.grad]
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads):
+        assert torch.allclose(fast_grad, plain_grad, rtol=1e-5, atol=1e-5)
+
+
 def test_bf16_autocast_casts_weights_once_per_rollout_and_never_reads_stale_copies():
     """Under bf16 autocast the no-grad passes reuse bf16 weight copies; after an optimizer step (which fused Adam does
     without bumping tensor versions) a no-grad pass must see the new weights."""
