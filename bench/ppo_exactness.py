@@ -7,7 +7,7 @@ runs the same two steps (the same ``np.random.permutation`` minibatches), once p
 ``|Δweight|`` against TRL after each step, for
 
 - ``plain``: ``cpu_kernels=False`` (PyTorch's default kernels: MKL sgemm, transformers' Python GELU);
-- ``cpu_kernels``: the default (oneDNN GEMMs, fused tanh-GELU; ``lit_vhead.kernels``).
+- ``cpu_kernels``: the default (oneDNN GEMMs, a faster tanh-GELU; ``lit_vhead.kernels``).
 
 - ``trl start+1e-7``: the yardstick: TRL itself from the same start multiplied by ``1 + 1e-7 N(0, 1)`` (float
   rounding of the start weights), against TRL from the exact start.

@@ -89,7 +89,7 @@ class PPOConfig:
 
     Fields beyond TRL's: ``kl_penalty="k3"``, ``missing_eos_penalty`` (TRL PPOv2's: subtracted from the score of a
     response that never produced EOS), ``generation`` (``PPOModule``'s sampling settings), and two speed settings:
-    ``cpu_kernels`` (CPU passes through oneDNN GEMMs and a fused tanh-GELU, glibc keeps freed memory; results differ
+    ``cpu_kernels`` (CPU passes through oneDNN GEMMs and a faster tanh-GELU, glibc keeps freed memory; results differ
     from PyTorch's default kernels by float rounding only, see ``lit_vhead.kernels``) and ``compile``
     (``torch.compile`` of the policy's decoder layers in the PPO update; on a CPU with ``cpu_kernels`` it does not
     pay, see ``bench/ppo_step.py``). One memory setting, off by default:

@@ -57,7 +57,7 @@ def test_fast_kernels_give_the_plain_loss_and_gradients_and_leave_nothing_behind
 
 
 def test_other_dtypes_and_autocast_fp16_run_the_modules_own_gemms(gemm_calls):
-    """Only fp32 GEMMs go to oneDNN (the fused GELU applies in every dtype: it changes rounding only)."""
+    """Only fp32 GEMMs go to oneDNN (GELU runs as PyTorch's tanh-GELU kernel in other dtypes: rounding only)."""
     model = value_head_model("gpt2").to(torch.bfloat16)
     ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
