@@ -32,6 +32,8 @@ import inspect
 import math
 import os
 import random
+import sys
+import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from types import SimpleNamespace
@@ -123,11 +125,20 @@ def unwrap(model: Any) -> Any:
     return model
 
 
+def _until_released(tensor: torch.Tensor, references: int, timeout: float = 1.0) -> None:
+    """Wait until ``tensor`` has ``references`` Python references again: gloo's worker thread frees a finished
+    collective's work (and with it its hold on the tensor) a moment after the caller's ``wait`` returns."""
+    deadline = time.monotonic() + timeout
+    while sys.getrefcount(tensor) > references and time.monotonic() < deadline:
+        time.sleep(1e-4)
+
+
 class Accelerator:
     """The parts of accelerate's ``Accelerator`` that classic scripts touch, answered by Lightning Fabric."""
 
     def __init__(self, fabric: L.Fabric) -> None:
         self.fabric = fabric
+        self._barrier_tensor = torch.zeros(1)  # see wait_for_everyone
 
     @property
     def device(self) -> torch.device:
@@ -170,15 +181,36 @@ class Accelerator:
         """Print once (on the main process)."""
         self.fabric.print(*args, **kwargs)
 
+    def _gloo(self) -> bool:
+        return self.fabric.world_size > 1 and torch.distributed.get_backend() == "gloo"
+
     def wait_for_everyone(self) -> None:
-        self.fabric.barrier()
+        """Wait for every process.
+
+        Under gloo this is an ``all_reduce`` of a tensor this object keeps, not gloo's barrier: that barrier holds the
+        collectives still in flight when it starts (e.g. the step's last gather) until its own work is freed on gloo's
+        worker thread. As a script's last collective (``save_pretrained``), that can fall into interpreter shutdown,
+        where Python 3.11-3.13 end the thread inside a C++ destructor and the process aborts after its work is done.
+        The same holds for any gloo work whose tensors Python sees, so this returns only once gloo has let go of its
+        tensor.
+        """
+        if self._gloo():
+            before = sys.getrefcount(self._barrier_tensor)
+            torch.distributed.all_reduce(self._barrier_tensor)
+            _until_released(self._barrier_tensor, before)
+        else:
+            self.fabric.barrier()
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every process's ``tensor`` concatenated along dim 0 (0-d tensors become one entry each)."""
         tensor = torch.as_tensor(tensor, device=self.device)
         if self.fabric.world_size == 1:
             return tensor.reshape(-1) if tensor.ndim == 0 else tensor
-        gathered = self.fabric.all_gather(tensor.reshape(1) if tensor.ndim == 0 else tensor)
+        tensor = tensor.reshape(1) if tensor.ndim == 0 else tensor
+        before = sys.getrefcount(tensor)
+        gathered = self.fabric.all_gather(tensor)
+        if self._gloo():
+            _until_released(tensor, before)  # see wait_for_everyone
         return gathered.reshape(-1, *gathered.shape[2:])
 
     def prepare(self, *objects: Any) -> Any:
@@ -623,7 +655,7 @@ class PPOTrainer:
         if self.accelerator.is_main_process:
             self.model.save_pretrained(save_directory, **kwargs)
             self.tokenizer.save_pretrained(save_directory)
-        self.fabric.barrier()
+        self.accelerator.wait_for_everyone()
 
     def save_state(self, directory: str | os.PathLike) -> None:
         """Everything ``step`` needs to continue exactly: trainable weights (safetensors), optimizer, scheduler, KL
@@ -647,7 +679,7 @@ class PPOTrainer:
                     },
                     os.path.join(tmp, STATE_FILE),
                 )
-        self.fabric.barrier()
+        self.accelerator.wait_for_everyone()
 
     def load_state(self, directory: str | os.PathLike) -> None:
         """Restore what :meth:`save_state` wrote into this trainer (same model, optimizer and PEFT settings)."""
