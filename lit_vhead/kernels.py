@@ -64,7 +64,8 @@ def _gradients(gemm, needs_input_grad, grad: torch.Tensor, x2d: torch.Tensor, we
     """The input and weight gradients of ``x2d @ W.T + bias`` are GEMMs too. The weight gradient is computed in the
     weight's own layout (``x2d.T @ grad`` for ``[in, out]``, ``grad.T @ x2d`` for ``[out, in]``), so autograd need
     not transpose it into a contiguous copy (a transposing copy costs about a fifth of the GEMM at these sizes)."""
-    grad = grad.contiguous()  # e.g. the expanded gradient of a sum: oneDNN reads zero-stride operands very slowly
+    # oneDNN reads zero-stride operands (e.g. the expanded gradient of a sum) about 300x slower: make them plain
+    grad, x2d = grad.contiguous(), x2d.contiguous()
     grad_x = gemm(grad, weight, None, not transposed) if needs_input_grad[0] else None
     grad_weight = None
     if needs_input_grad[1]:
