@@ -28,6 +28,7 @@ whitened over all ranks. What TRL got wrong and this does not copy:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -35,7 +36,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any
 
@@ -125,9 +126,13 @@ def unwrap(model: Any) -> Any:
     return model
 
 
-def _until_released(tensor: torch.Tensor, references: int, timeout: float = 1.0) -> None:
-    """Wait until ``tensor`` has ``references`` Python references again: gloo's worker thread frees a finished
-    collective's work (and with it its hold on the tensor) a moment after the caller's ``wait`` returns."""
+@contextlib.contextmanager
+def _released_after(tensor: torch.Tensor, timeout: float = 1.0) -> Iterator[None]:
+    """Leave the block only once ``tensor`` has as many Python references as on entry (at most ``timeout`` s later):
+    gloo's worker thread frees a finished collective's work, and with it its hold on the tensor, a moment after the
+    caller's ``wait`` returns."""
+    references = sys.getrefcount(tensor)
+    yield
     deadline = time.monotonic() + timeout
     while sys.getrefcount(tensor) > references and time.monotonic() < deadline:
         time.sleep(1e-4)
@@ -195,9 +200,8 @@ class Accelerator:
         tensor.
         """
         if self._gloo():
-            before = sys.getrefcount(self._barrier_tensor)
-            torch.distributed.all_reduce(self._barrier_tensor)
-            _until_released(self._barrier_tensor, before)
+            with _released_after(self._barrier_tensor):
+                torch.distributed.all_reduce(self._barrier_tensor)
         else:
             self.fabric.barrier()
 
@@ -207,10 +211,8 @@ class Accelerator:
         if self.fabric.world_size == 1:
             return tensor.reshape(-1) if tensor.ndim == 0 else tensor
         tensor = tensor.reshape(1) if tensor.ndim == 0 else tensor
-        before = sys.getrefcount(tensor)
-        gathered = self.fabric.all_gather(tensor)
-        if self._gloo():
-            _until_released(tensor, before)  # see wait_for_everyone
+        with _released_after(tensor) if self._gloo() else contextlib.nullcontext():  # see wait_for_everyone
+            gathered = self.fabric.all_gather(tensor)
         return gathered.reshape(-1, *gathered.shape[2:])
 
     def prepare(self, *objects: Any) -> Any:

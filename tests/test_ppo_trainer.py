@@ -627,6 +627,29 @@ def test_torchrun_two_processes_train_in_lockstep_and_whiten_over_both(tmp_path)
     assert torch.equal(saved.v_head.summary.weight, weights[0]["v_head.summary.weight"])
 
 
+def test_gloo_waits_return_once_the_worker_thread_lets_go_of_their_tensor():
+    """What keeps a torchrun rank from aborting at exit: ``wait_for_everyone``/``gather`` under gloo return only when
+    gloo's worker thread (here: a timer thread's reference) has dropped its hold on their tensor, capped at 1 s."""
+    import threading
+    import time
+
+    from lit_vhead.trainer import _released_after
+
+    tensor, held = torch.zeros(1), []
+    tic = time.monotonic()
+    with _released_after(tensor):  # nothing holds it: no wait
+        pass
+    assert time.monotonic() - tic < 0.05
+    with _released_after(tensor):
+        held.append(tensor)  # the collective's work takes a reference ...
+        threading.Timer(0.2, held.clear).start()  # ... and the worker drops it 0.2 s later
+    assert 0.15 < time.monotonic() - tic < 0.9 and not held
+    tic = time.monotonic()
+    with _released_after(tensor, timeout=0.1):
+        held.append(tensor)  # never dropped: give up after the timeout instead of hanging
+    assert 0.1 <= time.monotonic() - tic < 0.5
+
+
 def test_num_shared_layers_reference_shares_and_freezes_the_lower_layers():
     policy = tiny_policy()
     trainer = quiet_trainer(PPOConfig(batch_size=4, mini_batch_size=2, learning_rate=1e-3), policy, None, byt5(),
