@@ -4,7 +4,7 @@ The workload of ``bench/ppo_step.py`` (GPT-2 4x256, vocab 512, random init, batc
 4 PPO epochs, Adam lr 1e-4): TRL 0.11.4 builds the model, saves it with its ``save_pretrained`` and runs ``step``
 twice on fixed ``(queries, responses, scores)`` in its own venv; ``lit_vhead.PPOTrainer`` loads the same start and
 runs the same two steps (the same ``np.random.permutation`` minibatches), once per setting below. Printed: the largest
-``|Δweight|`` against TRL after each step, for
+``|Δweight|`` against TRL after each step (and float32's spacing at that weight: ``ulp there``), for
 
 - ``plain``: ``cpu_kernels=False`` (PyTorch's default kernels: MKL sgemm, transformers' Python GELU);
 - ``cpu_kernels``: the default (oneDNN GEMMs, a faster tanh-GELU; ``lit_vhead.kernels``).
@@ -14,7 +14,9 @@ runs the same two steps (the same ``np.random.permutation`` minibatches), once p
 
 Adam divides each gradient by its own running magnitude, so a gradient entry near zero turns a rounding difference
 into a visible step difference: on this workload rounding alone moves the update by about 1e-5 (the yardstick), so
-the figures are printed next to it and to the size of the update itself.
+the figures are printed next to it and to the size of the update itself. The ``sgd`` rows run the same steps with
+``torch.optim.SGD`` (same learning rate, passed as ``optimizer=`` on both sides), whose step is linear in the
+gradient: there the difference is the gradients' own rounding, without Adam's amplification.
 
     OMP_NUM_THREADS=1 python bench/ppo_exactness.py --trl-python /tmp/trl-classic/bin/python
 
@@ -58,6 +60,15 @@ def weights(model) -> dict:
     return {k: v.detach().clone().contiguous() for k, v in state.items() if v.is_floating_point()}
 
 
+def build_optimizer(name: str, model):
+    """``None`` for ``adam`` (each trainer builds its default Adam), else SGD at the same learning rate."""
+    import torch
+
+    if name == "adam":
+        return None
+    return torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=PPO["learning_rate"])
+
+
 def run_trl(out: str) -> None:
     """In TRL's venv: build and save the start, run the steps, save the weights after each."""
     import torch
@@ -69,11 +80,14 @@ def run_trl(out: str) -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(GPT2LMHeadModel(GPT2Config(**WORKLOAD)))
     model.save_pretrained(os.path.join(out, "start"))
-    trainer = PPOTrainer(PPOConfig(**PPO), model, None, build_id_tokenizer(WORKLOAD["vocab_size"]))
     queries, responses, scores = rollout()
-    for k in range(1, STEPS + 1):
-        trainer.step(queries, responses, scores)
-        save_file(weights(model), os.path.join(out, f"trl_step{k}.safetensors"))
+    for optimizer in ("adam", "sgd"):
+        model = AutoModelForCausalLMWithValueHead.from_pretrained(os.path.join(out, "start"))
+        trainer = PPOTrainer(PPOConfig(**PPO), model, None, build_id_tokenizer(WORKLOAD["vocab_size"]),
+                             optimizer=build_optimizer(optimizer, model))
+        for k in range(1, STEPS + 1):
+            trainer.step(queries, responses, scores)
+            save_file(weights(model), os.path.join(out, f"trl_{optimizer}_step{k}.safetensors"))
     # the yardstick: TRL again, from the same start times (1 + 1e-7 N(0, 1)), i.e. float rounding of the start
     model = AutoModelForCausalLMWithValueHead.from_pretrained(os.path.join(out, "start"))
     g = torch.Generator().manual_seed(0)
@@ -97,10 +111,19 @@ def _key_bias_free(name: str, delta):
     return delta
 
 
+def _spacing_at_max(ours, trl) -> float:
+    """float32's spacing (one ulp) at the weight where ``|ours - trl|`` is largest."""
+    import torch
+
+    at = trl.flatten()[(ours - trl).abs().argmax()].abs()
+    return (torch.nextafter(at, torch.tensor(float("inf"))) - at).item()
+
+
 def compare(k: int, ours: dict, trl: dict, start: dict) -> dict:
     return {
         "step": k,
         "max_abs_dw_vs_trl": max((ours[n] - trl[n]).abs().max().item() for n in trl),
+        "ulp_at_max": max(((ours[n] - trl[n]).abs().max().item(), _spacing_at_max(ours[n], trl[n])) for n in trl)[1],
         "max_abs_dw_vs_trl_without_key_biases": max(
             _key_bias_free(n, ours[n] - trl[n]).abs().max().item() for n in trl
         ),
@@ -115,13 +138,13 @@ def trl_yardstick(out: str) -> list[dict]:
     start = load_file(os.path.join(out, "start", "model.safetensors"))
     rows = []
     for k in range(1, STEPS + 1):
-        trl = load_file(os.path.join(out, f"trl_step{k}.safetensors"))
+        trl = load_file(os.path.join(out, f"trl_adam_step{k}.safetensors"))
         perturbed = load_file(os.path.join(out, f"trl_perturbed_step{k}.safetensors"))
         rows.append(compare(k, perturbed, trl, start))
     return rows
 
 
-def run_ours(out: str, cpu_kernels: bool) -> list[dict]:
+def run_ours(out: str, cpu_kernels: bool, optimizer: str) -> list[dict]:
     import torch
     from safetensors.torch import load_file
 
@@ -130,13 +153,13 @@ def run_ours(out: str, cpu_kernels: bool) -> list[dict]:
     torch.set_num_threads(1)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(os.path.join(out, "start"))
     trainer = PPOTrainer(PPOConfig(**PPO, cpu_kernels=cpu_kernels), model, None,
-                         build_id_tokenizer(WORKLOAD["vocab_size"]))
+                         build_id_tokenizer(WORKLOAD["vocab_size"]), optimizer=build_optimizer(optimizer, model))
     queries, responses, scores = rollout()
     start = weights(model)
     rows = []
     for k in range(1, STEPS + 1):
         trainer.step(queries, responses, scores)
-        ours, trl = weights(model), load_file(os.path.join(out, f"trl_step{k}.safetensors"))
+        ours, trl = weights(model), load_file(os.path.join(out, f"trl_{optimizer}_step{k}.safetensors"))
         rows.append(compare(k, ours, trl, start))
     return rows
 
@@ -155,13 +178,17 @@ def main() -> None:
         subprocess.run([args.trl_python, __file__, "--trl-child", out], check=True, env=env)
         sys.path.insert(0, str(HERE.parent))
         results = {"trl start+1e-7": trl_yardstick(out)}
-        results.update({name: run_ours(out, flag) for name, flag in (("plain", False), ("cpu_kernels", True))})
+        for optimizer in ("adam", "sgd"):
+            for name, flag in (("plain", False), ("cpu_kernels", True)):
+                results[name if optimizer == "adam" else f"{name}, sgd"] = run_ours(out, flag, optimizer)
     print(f"One PPOTrainer.step x{STEPS} on the ppo_step workload vs TRL 0.11.4 (fp32, same start, same minibatches)")
-    print(f"{'setting':15s} {'step':>4s} {'max|dW| vs TRL':>15s} {'w/o key biases':>15s} {'max|update|':>12s}")
+    print(f"{'setting':17s} {'step':>4s} {'max|dW| vs TRL':>15s} {'w/o key biases':>15s} {'ulp there':>10s} "
+          f"{'max|update|':>12s}")
     for name, rows in results.items():
         for r in rows:
-            print(f"{name:15s} {r['step']:4d} {r['max_abs_dw_vs_trl']:15.2e} "
-                  f"{r['max_abs_dw_vs_trl_without_key_biases']:15.2e} {r['max_abs_update']:12.2e}")
+            print(f"{name:17s} {r['step']:4d} {r['max_abs_dw_vs_trl']:15.2e} "
+                  f"{r['max_abs_dw_vs_trl_without_key_biases']:15.2e} {r['ulp_at_max']:10.2e} "
+                  f"{r['max_abs_update']:12.2e}")
     print(json.dumps({"bench": "ppo_exactness", "workload": {**WORKLOAD, **PPO}, "results": results}))
 
 
