@@ -13,6 +13,7 @@ from lit_vhead.reference import LAYER_PATTERNS, ReferenceConfig, create_referenc
 from lit_vhead.value_head import ValueHead, gather_last, mask_values
 
 _LAZY = {
+    "AtomicCheckpointIO": "lit_vhead.checkpoint_io",
     "PPOModule": "lit_vhead.module",
     "PPOTrainer": "lit_vhead.trainer",
     "PromptDataModule": "lit_vhead.data",
@@ -30,6 +31,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AtomicCheckpointIO",
     "AutoModelForCausalLMWithValueHead",
     "AutoModelForSeq2SeqLMWithValueHead",
     "LAYER_PATTERNS",

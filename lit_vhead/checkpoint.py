@@ -1,4 +1,4 @@
-"""Reading value-head tensors from TRL/HF checkpoint files, and writing directories atomically.
+"""Reading value-head tensors from TRL/HF checkpoint files (writing them is ``lit_vhead.atomic``'s).
 
 TRL re-read the whole checkpoint to find two small tensors and could not read local shards (trl#1917). Here only the
 ``v_head.*`` tensors are read (lazily from safetensors, memory-mapped from pickles with ``weights_only=True``), from
@@ -7,13 +7,8 @@ single files or shards, locally or from the HF hub/cache.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,10 +22,7 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 # Where a PEFT save puts a base model that cannot be found again from what the adapters record.
 BASE_MODEL_DIR = "base_model"
-# Files a save writes; a re-save replaces them, and everything else in the directory (a tokenizer...) is kept.
-WEIGHT_FILE_PREFIXES = (
-    "model", "pytorch_model", "adapter_model", "adapter_config", "config.json", "generation_config", BASE_MODEL_DIR,
-)
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 class CheckpointError(ValueError):
@@ -128,53 +120,3 @@ def load_value_head_state(name_or_path: str, hub_kwargs: dict | None = None) -> 
         if found:
             return {k[len(V_HEAD_PREFIX) :]: v for k, v in found.items()}
     return None
-
-
-def _is_weight_file(name: str) -> bool:
-    return name.startswith(WEIGHT_FILE_PREFIXES)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _follow_umask(root: Path) -> None:
-    """Give ``root`` and everything under it the modes of ordinary new files (0755 dirs, 0644 files under umask 022):
-    ``mkdtemp``/``mkstemp`` (ours, and those libraries use for atomic writes) create them private (0700/0600)."""
-    umask = _current_umask()
-    os.chmod(root, 0o777 & ~umask)
-    for path in root.rglob("*"):
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary sibling directory to write into; on success it replaces ``target``.
-
-    Files already in ``target`` that the new save does not write (a tokenizer, notes) are kept; old weight files are
-    dropped so no stale shard survives. If the body raises, ``target`` is left exactly as it was. What the body
-    writes follows the umask, like any other file the user writes.
-    """
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield str(tmp)
-        _follow_umask(tmp)
-        if target.is_dir():
-            for old in target.iterdir():
-                if not _is_weight_file(old.name) and not (tmp / old.name).exists():
-                    (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
-            backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, backup)
-            os.replace(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-

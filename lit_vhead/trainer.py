@@ -46,8 +46,8 @@ import torch
 from lightning.fabric.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, Dataset
 
+from lit_vhead.atomic import atomic_directory
 from lit_vhead.builders import check_tokenizer
-from lit_vhead.checkpoint import atomic_directory
 from lit_vhead.config import PPOConfig, as_ppo_config
 from lit_vhead.core import convert_to_scalar, set_seed
 from lit_vhead.data import pad_queries
