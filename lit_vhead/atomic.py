@@ -32,6 +32,7 @@ from lit_vhead.checkpoint import (
     PICKLE_WEIGHTS,
     SAFE_INDEX,
     SAFE_WEIGHTS,
+    weight_files,
 )
 
 _TEMP_MARK = ".lit-tmp."
@@ -129,23 +130,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
 
 def previous_save_files(directory: str | os.PathLike) -> list[str]:
-    """The weight files a previous save left in ``directory`` (entry files first, then the shards their indexes
-    list), and ``base_model/`` when its adapters load their base from there. Nothing else in the directory counts."""
+    """The files a previous save left in ``directory``: its weight files (entry files first, then shards) and
+    adapter config, and ``base_model/`` when its adapters load their base from there. Nothing else counts."""
     directory = Path(directory)
-    names = [name for name in _ENTRY_FILES if (directory / name).is_file()]
-    for index, suffix in ((SAFE_INDEX, ".safetensors"), (PICKLE_INDEX, ".bin")):
-        if index in names:
-            try:
-                shards = set(json.loads((directory / index).read_text())["weight_map"].values())
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue  # a broken index: its shards are unknown, so none is removed
-            # Only plain file names of this index's kind: an index cannot make a save delete anything else.
-            names += sorted(
-                s for s in shards
-                if isinstance(s, str) and os.path.basename(s) == s and s.endswith(suffix) and (directory / s).is_file()
-            )
-    if ADAPTER_CONFIG in names and (directory / BASE_MODEL_DIR).is_dir() and _records_base_in(directory, directory):
-        names.append(BASE_MODEL_DIR)
+    names = weight_files(directory)
+    if (directory / ADAPTER_CONFIG).is_file():
+        names.append(ADAPTER_CONFIG)
+        if (directory / BASE_MODEL_DIR).is_dir() and _records_base_in(directory, directory):
+            names.append(BASE_MODEL_DIR)
     return names
 
 

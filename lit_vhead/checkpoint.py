@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -41,8 +44,15 @@ def _read_safetensors(path: str, want: callable) -> dict[str, torch.Tensor]:
 
 def _read_pickle(path: str, want: callable) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # Zip pickles are memory-mapped; a legacy (pre-1.6, non-zip) pickle, which transformers loads too, cannot be.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # pickle, zip and EOF errors all mean the same thing to the user
+        unsafe = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
+        if unsafe:  # torch's message is a page of advice on loading it unsafely: keep the line that says why
+            raise CheckpointError(
+                f"Cannot read the checkpoint file '{path}': it holds more than tensors ({unsafe[1].strip()}), and "
+                "pickles are only loaded with weights_only=True. Save it as safetensors from code you trust."
+            ) from err
         raise CheckpointError(
             f"Cannot read the checkpoint file '{path}': {err}. It is truncated, corrupt or holds more than tensors "
             "(only weights_only=True pickles are loaded); save or download it again."
@@ -55,6 +65,56 @@ def _read_pickle(path: str, want: callable) -> dict[str, torch.Tensor]:
 def read_tensors(path: str, want: callable = lambda key: True) -> dict[str, torch.Tensor]:
     """The tensors of one weights file whose keys satisfy ``want``."""
     return _read_safetensors(path, want) if path.endswith(".safetensors") else _read_pickle(path, want)
+
+
+def weight_files(directory: str | os.PathLike) -> list[str]:
+    """The weight files in ``directory`` that a load reads: ``model.safetensors``, ``pytorch_model.bin``, the
+    adapters, the shard indexes and the shards they list (plain file names of the index's kind only), in that order."""
+    directory = Path(directory)
+    names = [name for name in (SAFE_WEIGHTS, SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX, *ADAPTER_WEIGHTS)
+             if (directory / name).is_file()]
+    for index, suffix in ((SAFE_INDEX, ".safetensors"), (PICKLE_INDEX, ".bin")):
+        if index in names:
+            try:
+                shards = set(json.loads((directory / index).read_text())["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a broken index: its shards are unknown (the loader names the index)
+            names += sorted(
+                s for s in shards
+                if isinstance(s, str) and os.path.basename(s) == s and s.endswith(suffix) and (directory / s).is_file()
+            )
+    return names
+
+
+def check_weight_files(directory: str | os.PathLike) -> None:
+    """Raise ``CheckpointError`` naming the first weights file of ``directory`` that is truncated or corrupt, before a
+    library reads it and raises its own error without the file name. Reads headers only: the safetensors header
+    (which must cover the whole file) and a zip pickle's central directory."""
+    for name in weight_files(directory):
+        path = os.path.join(directory, name)
+        if name.endswith(".safetensors"):
+            _read_safetensors(path, lambda key: False)
+        elif name.endswith(".bin"):
+            with open(path, "rb") as f:
+                is_zip = f.read(2) == b"PK"  # else a legacy pickle: torch.load names nothing wrong before reading
+            if is_zip and not zipfile.is_zipfile(path):
+                raise CheckpointError(
+                    f"Cannot read the checkpoint file '{path}': its zip directory is missing. It is truncated or "
+                    "corrupt; save or download it again."
+                )
+
+
+def _find_non_finite(directories: list[str | os.PathLike]) -> tuple[str, str] | None:
+    """``(file, tensor name)`` of the first tensor holding NaN or inf in the weight files of ``directories``."""
+    for directory in directories:
+        for name in weight_files(directory):
+            if name.endswith(".json"):
+                continue
+            path = os.path.join(directory, name)
+            for key, tensor in read_tensors(path).items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    return path, key
+    return None
 
 
 def _fetch(name_or_path: str, filename: str, hub_kwargs: dict) -> str | None:
@@ -120,3 +180,24 @@ def load_value_head_state(name_or_path: str, hub_kwargs: dict | None = None) -> 
         if found:
             return {k[len(V_HEAD_PREFIX) :]: v for k, v in found.items()}
     return None
+
+
+def check_finite(named_parameters: Iterable[tuple[str, torch.Tensor]], path: str, base: str | None = None) -> None:
+    """Raise ``CheckpointError`` if a weight loaded from ``path`` (adapters: or their ``base``) holds NaN or inf,
+    naming the file and tensor that hold it: a file with overwritten bytes loads without any error otherwise. One pass
+    over the weights; the files are read again only when something is wrong."""
+    for name, param in named_parameters:
+        if param.device.type == "meta" or bool(torch.isfinite(param).all()):
+            continue
+        directories = [d for d in (path, os.path.join(path, BASE_MODEL_DIR), base) if d and os.path.isdir(d)]
+        found = _find_non_finite(directories)
+        if found is None:
+            why = "no weights file there does, so" if directories else "the downloaded file is corrupt, or"
+            raise CheckpointError(
+                f"The weight '{name}' loaded from '{path}' holds NaN or inf: {why} its values do not fit the dtype it "
+                f"was loaded in ({param.dtype}); load it in float32 or bfloat16, or download it again."
+            )
+        raise CheckpointError(
+            f"The checkpoint file '{found[0]}' holds NaN or inf in tensor '{found[1]}': it is corrupt (overwritten "
+            "bytes) or was saved from a diverged run; save or download it again."
+        )

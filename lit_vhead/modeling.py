@@ -33,6 +33,8 @@ from lit_vhead.checkpoint import (
     V_HEAD_PREFIX,
     CheckpointError,
     _fetch,
+    check_finite,
+    check_weight_files,
     is_findable_offline,
     load_value_head_state,
     read_tensors,
@@ -174,9 +176,11 @@ class PreTrainedModelWrapper(nn.Module):
         v_head_state = None
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             path = os.fspath(pretrained_model_name_or_path)
-            # Read the v_head first: a truncated or corrupt weights file then raises a CheckpointError naming the
-            # file, not whatever transformers/safetensors raise for it (and costs no base load).
+            # Read the v_head and the other files' headers first: a truncated or corrupt weights file then raises a
+            # CheckpointError naming the file, not whatever transformers/safetensors/peft raise for it.
             v_head_state = load_value_head_state(path, hub_kwargs)
+            if os.path.isdir(path):
+                check_weight_files(path)
             adapter_config = _fetch(path, ADAPTER_CONFIG, hub_kwargs) if PeftModel is not None else None
             if adapter_config is not None:
                 if peft_config is not None:
@@ -227,6 +231,9 @@ class PreTrainedModelWrapper(nn.Module):
         )
         if v_head_state is not None:
             model.post_init(v_head_state)
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            check_finite(model.named_parameters(), os.fspath(pretrained_model_name_or_path),
+                         _base_name(model.pretrained_model))
         return model
 
     @classmethod
@@ -236,6 +243,8 @@ class PreTrainedModelWrapper(nn.Module):
         base_config = _fetch(path, f"{BASE_MODEL_DIR}/config.json", hub_kwargs)
         if base_config is not None:
             base_dir = os.path.dirname(base_config)
+            if os.path.isdir(path):
+                check_weight_files(base_dir)
             if not os.path.isdir(path):  # a hub repo: fetch the whole base_model/ folder
                 from huggingface_hub import snapshot_download
 
@@ -252,6 +261,8 @@ class PreTrainedModelWrapper(nn.Module):
                 f"{cls.__name__}.from_pretrained(PeftModel.from_pretrained(base, '{path}')), or re-save with lit_vhead "
                 "(which saves such a base with the adapters)."
             )
+        if os.path.isdir(base_path):
+            check_weight_files(base_path)
         return cls.transformers_parent_class.from_pretrained(base_path, *model_args, **hf_kwargs)
 
     @staticmethod

@@ -253,6 +253,66 @@ def test_garbage_pickle_raises_checkpoint_error(saved_gpt2, tmp_path):
         CLM.from_pretrained(tmp_path / "ckpt")
 
 
+class NotATensor:
+    pass
+
+
+def test_legacy_non_zip_pickle_checkpoint_loads_and_is_still_read_weights_only(saved_gpt2, tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) files (PyTorch < 1.6, still loaded by transformers)."""
+    shutil.copytree(saved_gpt2.path, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    state = {k: v.contiguous() for k, v in saved_gpt2.model.state_dict().items()}
+    torch.save(state, tmp_path / "ckpt" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with torch.no_grad():
+        assert_outputs_equal(CLM.from_pretrained(tmp_path / "ckpt").eval()(**make_inputs("gpt2")), saved_gpt2.out)
+    torch.save({**state, "v_head.extra": NotATensor()}, tmp_path / "ckpt" / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.*weights_only=True"):
+        CLM.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def saved_peft(tmp_path_factory):
+    """A PEFT policy on a base built from a config: adapters, value head and base_model/ saved together."""
+    model = CLM.from_pretrained(tiny_hf_model("gpt2"), peft_config=gpt2_lora()).eval()
+    perturb_lora_b(model, seed=5)
+    path = tmp_path_factory.mktemp("saved_peft") / "policy"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "base_model/model.safetensors"])
+def test_truncated_peft_file_raises_checkpoint_error_naming_it(saved_peft, tmp_path, name):
+    shutil.copytree(saved_peft, tmp_path / "policy")
+    weights = tmp_path / "policy" / name
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"{weights}.*truncated"):
+        CLM.from_pretrained(tmp_path / "policy")
+
+
+def overwrite_with_nan(file: Path, tensor: str) -> None:
+    """Overwrite the first 8 bytes of ``tensor``'s data in a safetensors file (0xff bytes: float32 NaN): same size,
+    valid header, corrupt values."""
+    data = bytearray(file.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start = 8 + header_len + json.loads(data[8 : 8 + header_len])[tensor]["data_offsets"][0]
+    data[start : start + 8] = b"\xff" * 8
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", ["full", "adapter", "base_model"])
+def test_weights_with_overwritten_bytes_name_the_file_and_tensor(saved_gpt2, saved_peft, tmp_path, case):
+    source, name = (saved_gpt2.path, "model.safetensors") if case == "full" else (saved_peft, {
+        "adapter": "adapter_model.safetensors", "base_model": "base_model/model.safetensors"}[case])
+    shutil.copytree(source, tmp_path / "ckpt")
+    file = tmp_path / "ckpt" / name
+    with safe_open(file, "pt") as f:
+        tensor = next(k for k in f.keys() if "attn.c_attn" in k and "bias" not in k)
+    overwrite_with_nan(file, tensor)
+    with pytest.raises(CheckpointError, match=f"'{file}' holds NaN or inf in tensor '{tensor}'"):
+        load_quiet(CLM, tmp_path / "ckpt")
+
+
 def test_value_head_of_another_architecture_is_rejected(saved_gpt2, tiny_dirs, tmp_path):
     """A gpt2 checkpoint (hidden 32) whose v_head was taken from an OPT model (word_embed_proj_dim 16)."""
     opt_head = load_quiet(CLM, tiny_dirs["opt"]).v_head.state_dict()
