@@ -4,6 +4,7 @@ says so), and a wandb logger without wandb's console noise."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import warnings
 
@@ -13,7 +14,8 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 
 class CSVLogger(_CSVLogger):
-    """Lightning's ``CSVLogger``, except that rows already in ``metrics.csv`` are kept and the run appends to them.
+    """Lightning's ``CSVLogger``, except that rows already in ``metrics.csv`` are kept and the run appends to them
+    (a last row torn by a kill is dropped).
 
     ``keep_before_step`` (set when resuming from a checkpoint taken after PPO step ``n - 1``) drops rows of steps
     that the resumed run will log again, so every PPO step appears exactly once.
@@ -31,10 +33,13 @@ class CSVLogger(_CSVLogger):
         path = os.path.join(self.log_dir, "metrics.csv")
         keys, rows = [], []
         if os.path.isfile(path):
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                keys = list(reader.fieldnames or [])
-                rows = [r for r in reader if self._keep(r)]
+            with open(path, newline="", encoding="utf-8") as f:
+                text = f.read()
+            if not text.endswith("\n"):  # a kill tore the last row (rows are written whole, newline last): drop it
+                text = text[: text.rfind("\n") + 1]
+            reader = csv.DictReader(io.StringIO(text, newline=""))
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if self._keep(r)]
         with warnings.catch_warnings():  # "Previous log files ... will be deleted": not here, they are written back
             warnings.filterwarnings("ignore", message=r".*Previous log files in this directory will be deleted")
             experiment = super().experiment  # Lightning's writer removes the file here

@@ -315,3 +315,29 @@ def test_the_cli_writes_checkpoints_beside_themselves_not_through_the_system_tem
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
         "last.ckpt", "ppo-step0000.ckpt", "ppo-step0001.ckpt"]
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_resume_drops_a_metrics_row_torn_by_a_kill(tmp_path):
+    """A kill while step 2's row was being written leaves part of it, without its newline, at the end of the file."""
+    from lit_vhead.loggers import CSVLogger
+
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text(
+        "env/reward_mean,epoch,ppo/step,step\n0.5,0,0.0,0\n0.75,1,1.0,1\n0.8")
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    logger.keep_before_step = 2  # resuming from the checkpoint taken after PPO step 1
+    logger.log_metrics({"env/reward_mean": 1.0, "epoch": 2, "ppo/step": 2.0}, step=2)
+    logger.save()
+    assert [row["ppo/step"] for row in read_csv(tmp_path)] == ["0.0", "1.0", "2.0"]
+    assert all(value != "" for row in read_csv(tmp_path) for value in row.values())
+
+
+def test_prompts_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("héllo\nworld\n".encode() + b"caf\xff\n")
+    with pytest.raises(ValueError, match=rf"prompts file '{prompts}', line 3: byte 0xff is not UTF-8"):
+        train(compose(FAST + [f"data.prompts={prompts}"], tmp_path / "run"))
+    prompts.write_bytes("\ufeffhéllo\nworld\n".encode())  # UTF-8 with a byte-order mark reads as UTF-8
+    from lit_vhead.data import load_prompts
+
+    assert load_prompts(prompts) == ["héllo", "world"]
