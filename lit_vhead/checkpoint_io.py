@@ -34,8 +34,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             with atomic_file(local_path) as file:
                 torch.save(checkpoint, file)
-        except RuntimeError as err:  # torch's zip writer hides a failed write (ENOSPC...) behind its own error
-            cause = err.__context__
+        except (OSError, RuntimeError) as err:  # torch's zip writer hides a failed write behind its own error
+            cause = err if isinstance(err, OSError) else err.__context__
             if not isinstance(cause, OSError):
                 raise
             raise OSError(cause.errno, f"Cannot write the checkpoint '{local_path}': {cause.strerror}. Nothing was "

@@ -99,28 +99,19 @@ def test_checkpoint_holds_the_ppo_state(tmp_path):
     assert ckpt["optimizer_states"] and ckpt["optimizer_states"][0]["state"]  # Adam moments
 
 
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    from fsspec.implementations.local import LocalFileOpener
-
-    cfg = compose(FAST + ["callbacks=default", "callbacks.progress_bar=null",
-                          "callbacks.model_checkpoint.every_n_epochs=1", "callbacks.model_checkpoint.save_top_k=1"],
-                  tmp_path)
-    saves = {"n": 0}
-    write = LocalFileOpener.write
-
-    def failing_write(self, data):
-        if str(self.path).endswith("last.ckpt"):
-            saves["n"] += 1
-            if saves["n"] == 3:  # the third save: write half, then the disk is full
-                write(self, data[: len(data) // 2])
-                raise OSError(28, "No space left on device")
-        return write(self, data)
-
-    monkeypatch.setattr(LocalFileOpener, "write", failing_write)
-    with pytest.raises(OSError, match="No space left"):
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmpfs, tmp_path):
+    """Checkpoints on their own filesystem (the system temp dir elsewhere), full as PPO step 1's checkpoint is saved."""
+    checkpoints = tmpfs("64m")
+    overrides = ["callbacks=default", "callbacks.progress_bar=null", "callbacks.model_checkpoint.every_n_epochs=1",
+                 f"callbacks.model_checkpoint.dirpath={checkpoints}", f"+callbacks.fill.directory={checkpoints}",
+                 "+callbacks.fill._target_=helpers_callbacks.FillDisk", "+callbacks.fill.at_epoch=1"]
+    cfg = compose(FAST + overrides, tmp_path)
+    with pytest.raises(OSError) as err:
         train(cfg)
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["epoch"] == 1  # the second save (after PPO step 1) is intact
+    assert err.value.errno == errno.ENOSPC and "ppo-step0001.ckpt" in str(err.value)
+    assert sorted(os.listdir(checkpoints)) == ["filler", "last.ckpt", "ppo-step0000.ckpt"]  # nothing partial
+    for name in ("last.ckpt", "ppo-step0000.ckpt"):
+        assert torch.load(checkpoints / name, weights_only=True)["epoch"] == 0  # whole, from PPO step 0
 
 
 def test_nan_loss_mid_run_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path):

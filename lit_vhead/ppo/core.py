@@ -34,6 +34,7 @@ from lit_vhead.ppo.functional import (
 from lit_vhead.ppo.kl import make_kl_controller
 from lit_vhead.ppo.optimizer_in_backward import optimizer_in_backward, why_not
 from lit_vhead.ppo.running_moments import RunningMoments
+from lit_vhead.ppo.snapshot import UpdateSnapshot
 from lit_vhead.reference import Reference
 from lit_vhead.rollout import Rollout, forward
 
@@ -99,6 +100,7 @@ class PPOCore:
         self.kl_ctl = make_kl_controller(config.adap_kl_ctrl, config.init_kl_coef, config.target, config.horizon)
         self.score_moments = RunningMoments()
         self.stats = PPOStats()
+        self._state_before = self.state_dict()  # the PPO state as the current step found it (see _undo)
 
     # ------------------------------------------------------------------ checkpointed state
     def state_dict(self) -> dict[str, Any]:
@@ -120,6 +122,7 @@ class PPOCore:
     def _step(self, engine: Engine, rollout: Rollout, raw_scores: torch.Tensor, eos_token_id: int | None,
               step_index: int) -> StepOutput:
         ppo, timings = self.config, {}
+        self._state_before = self.state_dict()
         start = time.perf_counter()
         scores = self.transform_scores(raw_scores, rollout, eos_token_id)
 
@@ -137,6 +140,7 @@ class PPOCore:
             rollout.values, rewards, mask, ppo.gamma, ppo.lam, ppo.whiten_rewards, distributed=True
         )
         rollout.values = values
+        self._check_finite(engine, step_index, scores, rollout, advantages, returns)
         timings["time/ppo/compute_advantages"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -224,13 +228,55 @@ class PPOCore:
         self.stats.update({"ppo/skipped_batches": float(skipped)})
         return torch.cat(ratios)
 
+    def _check_finite(self, engine: Engine, step_index: int, scores: torch.Tensor, rollout: Rollout,
+                      advantages: torch.Tensor, returns: torch.Tensor) -> None:
+        """Stop before the first optimizer step if what the update trains on holds NaN/inf (one device sync)."""
+        mask = rollout.response_mask.bool()
+        per_token = {"policy log-probs": rollout.logprobs, "reference log-probs": rollout.ref_logprobs,
+                     "values": rollout.values, "advantages": advantages, "returns": returns}
+        per_sample = [(torch.isfinite(x) | ~mask).all(1) for x in per_token.values()]
+        finite = torch.stack([torch.isfinite(scores), *per_sample]).cpu()
+        if bool(finite.all()):
+            return
+        names = ["scores", *per_token]
+        row = int((~finite).any(1).nonzero()[0, 0])
+        samples = (~finite[row]).nonzero().flatten().tolist()
+        why = {
+            "scores": "the reward gave extreme values, or score scaling divided by a zero std",
+            "policy log-probs": "the policy's forward pass gives NaN/inf: check its weights and dtype",
+            "reference log-probs": "the reference model's forward pass gives NaN/inf: check its weights and dtype",
+            "values": "the policy's value head gives NaN/inf: check its weights and dtype",
+        }.get(names[row], "extreme rewards or values overflow GAE (whitening spreads one rank's NaN to every rank)")
+        self._undo(None, engine.optimizer)
+        raise FloatingPointError(
+            f"The PPO update at PPO step {step_index} would train on NaN/inf: the {names[row]} of samples "
+            f"{samples[:8]} are not finite ({why}). No update was applied: the model, the optimizer and the PPO state "
+            "are as they were before this PPO step, and the last checkpoint is intact."
+        )
+
+    def _undo(self, snapshot: UpdateSnapshot | None, optimizer: Any) -> None:
+        """Put the model, the optimizer and the PPO state (KL coefficient, score moments, statistics) back as this PPO
+        step found them: from ``snapshot`` if optimizer steps were taken, else by dropping accumulated gradients."""
+        if snapshot is not None:
+            snapshot.restore()
+        else:
+            optimizer.zero_grad()
+        self.load_state_dict(self._state_before)
+        self.stats.reset()
+
     def _epochs(self, engine: Engine, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
                 step_index: int, ratios: list[torch.Tensor]) -> int:
-        """The minibatch loop of :meth:`_optimize`; appends to ``ratios``, returns the number of skipped batches."""
+        """The minibatch loop of :meth:`_optimize`; appends to ``ratios``, returns the number of skipped batches.
+
+        A loss that is NaN/inf undoes the optimizer steps this PPO step took: when the step has more than one, the
+        optimizer's weights and state are copied before the first (:class:`UpdateSnapshot`), and freed at the end.
+        """
         ppo, optimizer = self.config, engine.optimizer
         batch_size = rollout.response_ids.shape[0]
-        skipped = 0
-        for _ in range(ppo.ppo_epochs):
+        minibatches = -(-batch_size // ppo.mini_batch_size)
+        updates = ppo.ppo_epochs * (minibatches // ppo.gradient_accumulation_steps)
+        skipped, applied, snapshot = 0, 0, None
+        for epoch in range(ppo.ppo_epochs):
             order = torch.as_tensor(engine.order(batch_size), device=rollout.response_ids.device)
             stats = {}
             for i, begin in enumerate(range(0, batch_size, ppo.mini_batch_size)):
@@ -246,11 +292,17 @@ class PPOCore:
                 loss = pg_loss + vf_loss
                 ratios.append((out.logprobs.detach() - mini.logprobs).exp()[mini.response_mask.bool()])
                 if not torch.isfinite(loss):
+                    self._undo(snapshot, optimizer)
+                    undone = (f"the {applied} optimizer step(s) it had taken were undone" if applied else
+                              "no optimizer step had been taken")
                     raise FloatingPointError(
-                        f"The PPO loss is {loss.item()} at PPO step {step_index}: training stopped before the "
-                        "update; the last checkpoint is intact. Lower ppo.learning_rate, set ppo.max_grad_norm, or "
-                        "check the reward for extreme values."
+                        f"The PPO loss is {loss.item()} at PPO step {step_index} (PPO epoch {epoch + 1} of "
+                        f"{ppo.ppo_epochs}, minibatch {i + 1} of {minibatches}); {undone}: the model, the optimizer "
+                        "and the PPO state are as they were before this PPO step, and the last checkpoint is intact. "
+                        "Lower ppo.learning_rate, set ppo.max_grad_norm, or check the reward for extreme values."
                     )
+                if snapshot is None and updates > 1:
+                    snapshot = UpdateSnapshot(optimizer)  # before the first backward: it may step (in backward)
                 if stats["policy/ratio_mean"] > ppo.ratio_threshold:  # TRL: skip a batch whose ratio exploded
                     warnings.warn(
                         f"The average ratio of batch ({stats['policy/ratio_mean']:.2f}) exceeds threshold "
@@ -267,6 +319,7 @@ class PPOCore:
                         engine.clip_gradients(ppo.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
+                    applied += 1
                 # Autocast caches the low-precision copy of each weight for its whole region (Fabric's and a user's
                 # own cover the PPO step; Lightning's has the cache off): drop it, or the next minibatch runs on the
                 # weights before this update.
