@@ -98,7 +98,11 @@ class PPOConfig:
     per minibatch: about 2% slower on the CPU benchmark workload, 1.7x slower on a GPU). It applies where that is
     exact: one process, no GradScaler, ``max_grad_norm=None``, ``gradient_accumulation_steps=1``, a per-parameter
     ``torch.optim`` optimizer (Adam, AdamW, SGD, ...); elsewhere the usual step runs. Callbacks that read gradients
-    (``on_before_optimizer_step``) see none while it is on.
+    (``on_before_optimizer_step``) see none while it is on. ``undo_failed_update`` (on): a PPO step whose loss turns
+    NaN/inf after some of its optimizer steps is undone (weights and optimizer state copied before its first
+    optimizer step: the trainable weights plus the optimizer state again during each update, e.g. 3x the weights
+    in fp32 for a full fine-tune with Adam, little for LoRA); off skips that copy, and the error then says how many
+    optimizer steps the model and optimizer kept.
     """
 
     exp_name: str = os.path.basename(sys.argv[0])[: -len(".py")]
@@ -155,6 +159,7 @@ class PPOConfig:
     cpu_kernels: bool = True
     compile: bool = False
     optimizer_in_backward: bool = False
+    undo_failed_update: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.generation, dict):

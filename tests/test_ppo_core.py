@@ -228,3 +228,18 @@ def test_nan_in_the_update_inputs_stops_before_any_step_and_keeps_the_ppo_state(
         core.step(engine_for(policy, optimizer), rollout(), scores, eos_token_id=1)
     assert optimizer.grad_norms == [] and not changed(before, policy)
     assert core.state_dict() == ppo_state  # the running score moments did not take the NaN in
+
+
+def test_without_undo_failed_update_the_error_says_which_steps_were_kept():
+    """``ppo.undo_failed_update=false`` takes no copy: the steps taken stay, and the error says how many."""
+    config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, use_score_scaling=True,
+                       undo_failed_update=False)
+    policy = AutoModelForCausalLMWithValueHead(tiny_hf_model("gpt2"))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    optimizer = RecordingAdam([p for p in policy.parameters() if p.requires_grad], lr=1e35)
+    core = PPOCore(config)
+    ppo_state = core.state_dict()
+    with pytest.raises(FloatingPointError, match=r"minibatch 2 of 4\); the model and the optimizer keep the 1 "
+                       r"optimizer step\(s\) it had taken \(ppo.undo_failed_update=false\)"):
+        core.step(engine_for(policy, optimizer), rollout(), torch.linspace(-10, 10, BATCH), eos_token_id=1)
+    assert len(optimizer.grad_norms) == 1 and changed(before, policy) and core.state_dict() == ppo_state

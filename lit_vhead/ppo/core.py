@@ -264,12 +264,30 @@ class PPOCore:
         self.load_state_dict(self._state_before)
         self.stats.reset()
 
+    def _failed(self, loss: torch.Tensor, where: str, applied: int, snapshot: UpdateSnapshot | None,
+                optimizer: Any) -> FloatingPointError:
+        """Undo what can be undone (:meth:`_undo`); the error says exactly what the model and optimizer now hold."""
+        self._undo(snapshot, optimizer)
+        as_before = "the model, the optimizer and the PPO state are as they were before this PPO step"
+        if not applied:
+            kept = f"no optimizer step had been taken: {as_before}"
+        elif snapshot is not None:
+            kept = f"the {applied} optimizer step(s) it had taken were undone: {as_before}"
+        else:
+            kept = (f"the model and the optimizer keep the {applied} optimizer step(s) it had taken "
+                    "(ppo.undo_failed_update=false), the PPO state is as it was before this PPO step")
+        return FloatingPointError(
+            f"The PPO loss is {loss.item()} at {where}; {kept}, and the last checkpoint is intact. Lower "
+            "ppo.learning_rate, set ppo.max_grad_norm, or check the reward for extreme values."
+        )
+
     def _epochs(self, engine: Engine, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
                 step_index: int, ratios: list[torch.Tensor]) -> int:
         """The minibatch loop of :meth:`_optimize`; appends to ``ratios``, returns the number of skipped batches.
 
-        A loss that is NaN/inf undoes the optimizer steps this PPO step took: when the step has more than one, the
-        optimizer's weights and state are copied before the first (:class:`UpdateSnapshot`), and freed at the end.
+        A loss that is NaN/inf undoes the optimizer steps this PPO step took: when the step has more than one (and
+        ``ppo.undo_failed_update``), the optimizer's weights and state are copied before the first
+        (:class:`UpdateSnapshot`), and freed when the step ends.
         """
         ppo, optimizer = self.config, engine.optimizer
         batch_size = rollout.response_ids.shape[0]
@@ -292,16 +310,9 @@ class PPOCore:
                 loss = pg_loss + vf_loss
                 ratios.append((out.logprobs.detach() - mini.logprobs).exp()[mini.response_mask.bool()])
                 if not torch.isfinite(loss):
-                    self._undo(snapshot, optimizer)
-                    undone = (f"the {applied} optimizer step(s) it had taken were undone" if applied else
-                              "no optimizer step had been taken")
-                    raise FloatingPointError(
-                        f"The PPO loss is {loss.item()} at PPO step {step_index} (PPO epoch {epoch + 1} of "
-                        f"{ppo.ppo_epochs}, minibatch {i + 1} of {minibatches}); {undone}: the model, the optimizer "
-                        "and the PPO state are as they were before this PPO step, and the last checkpoint is intact. "
-                        "Lower ppo.learning_rate, set ppo.max_grad_norm, or check the reward for extreme values."
-                    )
-                if snapshot is None and updates > 1:
+                    where = f"PPO step {step_index} (PPO epoch {epoch + 1} of {ppo.ppo_epochs}, minibatch {i + 1} of "
+                    raise self._failed(loss, f"{where}{minibatches})", applied, snapshot, optimizer)
+                if snapshot is None and updates > 1 and ppo.undo_failed_update:
                     snapshot = UpdateSnapshot(optimizer)  # before the first backward: it may step (in backward)
                 if stats["policy/ratio_mean"] > ppo.ratio_threshold:  # TRL: skip a batch whose ratio exploded
                     warnings.warn(

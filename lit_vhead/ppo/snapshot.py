@@ -4,8 +4,8 @@ A PPO step takes ``ppo_epochs x minibatches`` optimizer steps; a loss that turns
 leave the earlier ones applied. :class:`UpdateSnapshot` copies what the optimizer changes (its parameters and its
 state, e.g. Adam's moments) before the first of them, and puts it back exactly. It costs one copy of the trainable
 weights and the optimizer state while the update runs (a LoRA policy: the adapters'; a full fine-tune with Adam:
-three times the weights), freed when the step ends; ``PPOCore`` takes it only when a step has more than one
-optimizer step to undo.
+three times the weights in fp32), freed when the step ends; ``PPOCore`` takes it only when a step has more than one
+optimizer step to undo, and not at all with ``ppo.undo_failed_update=false``.
 """
 
 from __future__ import annotations
