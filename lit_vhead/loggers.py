@@ -1,5 +1,6 @@
 """Loggers without surprises: a CSV logger that survives resume (Lightning's deletes an existing ``metrics.csv`` and
-says so), and a wandb logger without wandb's console noise."""
+says so), and a wandb logger without wandb's console noise. Both write nothing until the first metrics arrive, so a
+run that fails before its first PPO step leaves no logger output (no ``csv/``, no wandb run dir)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,51 @@ import warnings
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
-class CSVLogger(_CSVLogger):
+class StartsWithFirstMetrics:
+    """Mixin for a Lightning logger: hyper-parameters (which Lightning logs as ``fit`` starts) wait for the first
+    metrics, and ``save``/``log_graph``/``finalize`` do nothing before them."""
+
+    _started = False
+    _pending: tuple = ()
+
+    @property
+    def started(self) -> bool:
+        """Whether this logger has written anything (its first metrics arrived)."""
+        return self._started
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        if self._started:
+            super().log_hyperparams(params, *args, **kwargs)
+        else:
+            self._pending = (*self._pending, (params, args, kwargs))
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        if not self._started:
+            self._started = True
+            for params, args, kwargs in self._pending:
+                super().log_hyperparams(params, *args, **kwargs)
+            self._pending = ()
+        super().log_metrics(metrics, step)
+
+    def log_graph(self, *args, **kwargs) -> None:
+        if self._started:
+            super().log_graph(*args, **kwargs)
+
+    def save(self) -> None:
+        if self._started:
+            super().save()
+
+    def finalize(self, status: str) -> None:
+        if self._started:
+            super().finalize(status)
+
+
+class CSVLogger(StartsWithFirstMetrics, _CSVLogger):
     """Lightning's ``CSVLogger``, except that rows already in ``metrics.csv`` are kept and the run appends to them.
 
     ``keep_before_step`` (set when resuming from a checkpoint taken after PPO step ``n - 1``) drops rows of steps
@@ -51,7 +94,7 @@ class CSVLogger(_CSVLogger):
         return self.keep_before_step is None or step in (None, "") or float(step) < self.keep_before_step
 
 
-class WandbLogger(_WandbLogger):
+class WandbLogger(StartsWithFirstMetrics, _WandbLogger):
     """Lightning's ``WandbLogger`` in wandb's quiet mode, without the ``anonymous`` setting Lightning always passes
     (wandb warns that it has no effect). Quiet mode drops wandb's end-of-run banner, whose raw ANSI colour codes
     end up in log files; wandb still says where the run is saved."""
@@ -62,3 +105,9 @@ class WandbLogger(_WandbLogger):
         settings = self._wandb_init.get("settings")
         if settings is None or isinstance(settings, dict):
             self._wandb_init["settings"] = {"quiet": True, **(settings or {})}
+
+    def finish(self, failed: bool = False) -> None:
+        """End the wandb run now (if it started), in wandb's quiet mode, rather than at exit, where wandb prints its
+        banner with raw ANSI colour codes whatever quiet says."""
+        if self._started:
+            self.experiment.finish(exit_code=1 if failed else 0)
