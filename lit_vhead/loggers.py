@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import uuid
 import warnings
 
 from lightning.pytorch.loggers import CSVLogger as _CSVLogger
@@ -15,16 +16,26 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 
 class StartsWithFirstMetrics:
-    """Mixin for a Lightning logger: hyper-parameters (which Lightning logs as ``fit`` starts) wait for the first
-    metrics, and ``save``/``log_graph``/``finalize`` do nothing before them."""
+    """Mixin for a Lightning logger: nothing is created or written before the first metrics (Lightning creates every
+    logger's experiment as ``fit`` sets up, and logs hyper-parameters then): until then ``experiment`` is a stand-in
+    that starts the real one when anything of it is used."""
 
     _started = False
     _pending: tuple = ()
 
     @property
     def started(self) -> bool:
-        """Whether this logger has written anything (its first metrics arrived)."""
+        """Whether this logger has started (its first metrics arrived, or its experiment was used)."""
         return self._started
+
+    def start(self) -> None:
+        """Start now: create the experiment and log the hyper-parameters that waited."""
+        if self._started:
+            return
+        self._started = True
+        for params, args, kwargs in self._pending:
+            super().log_hyperparams(params, *args, **kwargs)
+        self._pending = ()
 
     @rank_zero_only
     def log_hyperparams(self, params, *args, **kwargs) -> None:
@@ -35,11 +46,7 @@ class StartsWithFirstMetrics:
 
     @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
-        if not self._started:
-            self._started = True
-            for params, args, kwargs in self._pending:
-                super().log_hyperparams(params, *args, **kwargs)
-            self._pending = ()
+        self.start()
         super().log_metrics(metrics, step)
 
     def log_graph(self, *args, **kwargs) -> None:
@@ -53,6 +60,23 @@ class StartsWithFirstMetrics:
     def finalize(self, status: str) -> None:
         if self._started:
             super().finalize(status)
+
+
+class _NotStarted:
+    """A logger's experiment before its first metrics: using it starts the logger."""
+
+    def __init__(self, logger: StartsWithFirstMetrics) -> None:
+        object.__setattr__(self, "_logger", logger)
+
+    def _real(self):
+        self._logger.start()
+        return self._logger.experiment
+
+    def __getattr__(self, name: str):
+        return getattr(self._real(), name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._real(), name, value)
 
 
 class CSVLogger(StartsWithFirstMetrics, _CSVLogger):
@@ -69,6 +93,8 @@ class CSVLogger(StartsWithFirstMetrics, _CSVLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
+        if not self.started:
+            return _NotStarted(self)
         if self._experiment is not None:
             return self._experiment
         path = os.path.join(self.log_dir, "metrics.csv")
@@ -101,10 +127,17 @@ class WandbLogger(StartsWithFirstMetrics, _WandbLogger):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if not self._id:  # the run's id from the start: its version is known before the run starts
+            self._id = self._wandb_init["id"] = uuid.uuid4().hex[:8]
         self._wandb_init.pop("anonymous", None)
         settings = self._wandb_init.get("settings")
         if settings is None or isinstance(settings, dict):
             self._wandb_init["settings"] = {"quiet": True, **(settings or {})}
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        return super().experiment if self.started else _NotStarted(self)
 
     def finish(self, failed: bool = False) -> None:
         """End the wandb run now (if it started), in wandb's quiet mode, rather than at exit, where wandb prints its
