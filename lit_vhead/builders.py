@@ -154,6 +154,8 @@ def check_vocabulary(tokenizer: PreTrainedTokenizerBase, policy: Any, config: An
         ids = value if isinstance(value, (list, tuple)) else [value]
         if any(i is not None and not 0 <= i < rows for i in ids):
             own = getattr(tokenizer, name, None)
+            if own is None and name == "bos_token_id":  # GPT-2-style: the eos token starts texts too
+                own = tokenizer.eos_token_id
             fix = "" if own is None else f" (the tokenizer's is {own}; with python train.py: model.config.{name}={own})"
             raise ValueError(
                 f"The model config's {name}={value} is outside the policy's vocabulary of {rows} tokens (ids 0-"

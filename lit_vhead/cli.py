@@ -176,6 +176,7 @@ def check_command_line(args: list[str], config_dir: str, config_name: str = "tra
             if o not in keyed and not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
     from hydra import compose, initialize_config_dir
 
+    register_configs()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             cfg = compose(config_name, overrides=base)
