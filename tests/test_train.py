@@ -403,6 +403,14 @@ def test_progress_is_plain_lines_every_n_steps(tmp_path, capfd):
     assert not [bad for bad in ("\x1b[", "\r", "v_num", "it/s", "Epoch ") if bad in out]
 
 
+def test_progress_in_a_terminal_shows_the_current_step_in_place(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # capsys's stand-in for stdout, as a terminal
+    train(compose(FAST + ["callbacks=default", "callbacks.progress_bar.every_n_steps=3"], tmp_path))
+    out = capsys.readouterr().out
+    assert re.search(r"^\rPPO step 1/4: [^\n]*\rPPO step 2/4: [^\n]*\rPPO step 3/4: [^\r\n]*\n", out, flags=re.M)
+    assert re.search(r"^PPO step 4/4: [^\r\n]*\n", out, flags=re.M) and "\x1b[" not in out
+
+
 def test_reward_adapter_without_peft_fails_before_any_model_is_built(tmp_path, no_model_built):
     save_reward_adapter_stub = tmp_path / "adapter"
     save_reward_adapter_stub.mkdir()
