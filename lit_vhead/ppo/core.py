@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lit_vhead.config import PPOConfig
-from lit_vhead.kernels import compiled_layers, fast_kernels
+from lit_vhead.kernels import compiled, fast_kernels
 from lit_vhead.metrics import PPOStats
 from lit_vhead.ppo.functional import (
     compute_advantages,
@@ -113,8 +113,7 @@ class PPOCore:
              step_index: int = 0) -> StepOutput:
         """Update the policy on ``rollout`` scored ``raw_scores`` ([B]); returns the step's statistics."""
         ppo = self.config
-        kernels = fast_kernels(engine.policy, engine.reference.model, enabled=ppo.cpu_kernels, backward=True)
-        with kernels, compiled_layers(engine.policy, enabled=ppo.compile):
+        with fast_kernels(engine.policy, engine.reference.model, enabled=ppo.cpu_kernels, backward=True):
             return self._step(engine, rollout, raw_scores, eos_token_id, step_index)
 
     def _step(self, engine: Engine, rollout: Rollout, raw_scores: torch.Tensor, eos_token_id: int | None,
@@ -229,6 +228,7 @@ class PPOCore:
         """The minibatch loop of :meth:`_optimize`; appends to ``ratios``, returns the number of skipped batches."""
         ppo, optimizer = self.config, engine.optimizer
         batch_size = rollout.response_ids.shape[0]
+        training_forward = compiled(forward) if ppo.compile else forward
         skipped = 0
         for _ in range(ppo.ppo_epochs):
             order = torch.as_tensor(engine.order(batch_size), device=rollout.response_ids.device)
@@ -236,7 +236,7 @@ class PPOCore:
             for i, begin in enumerate(range(0, batch_size, ppo.mini_batch_size)):
                 index = order[begin : begin + ppo.mini_batch_size]
                 mini = rollout.select(index)
-                out = forward(engine.model, mini, engine.temperature)
+                out = training_forward(engine.model, mini, engine.temperature)
                 with torch.no_grad():
                     entropy = entropy_from_logits(out.logits)
                 pg_loss, vf_loss, stats = ppo_loss(
