@@ -35,6 +35,16 @@ def snapshot(run_dir):
     return found
 
 
+@pytest.fixture(autouse=True)
+def fresh_wandb_process_state():
+    """wandb keeps its first run's working directory for the whole process: a later bare ``wandb.init()`` in
+    another test (tests/test_ppo_trainer.py runs the README's TRL loop) would write there. Start each test over."""
+    yield
+    import wandb
+
+    wandb.teardown()
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """A finished 3-PPO-step run (last.ckpt after every step, CSV and offline wandb logs, saved policy), with

@@ -395,7 +395,7 @@ def test_debug_fast_writes_no_checkpoint_logger_plot_or_policy(tmp_path):
 
 def test_progress_is_plain_lines_every_n_steps(tmp_path, capfd):
     """Not a terminal: one line per N PPO steps (and the last), no escape codes, no it/s, no logger version."""
-    train(compose(FAST + ["callbacks=default", "callbacks.progress_bar.every_n_steps=3", "logger=default"], tmp_path))
+    train(compose(FAST + ["callbacks=default", "callbacks.progress_bar.every_n_steps=3"], tmp_path))
     out = capfd.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("PPO step")]
     assert [line.split(":")[0] for line in lines] == ["PPO step 3/4", "PPO step 4/4"]
