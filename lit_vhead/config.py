@@ -5,9 +5,9 @@ It takes TRL 0.11.4's ``PPOConfig`` field names and defaults, so a classic scrip
 - fields with no meaning here (``optimize_cuda_cache``, ``compare_steps``, ...) are accepted and warn once;
 - an unknown field raises ``TypeError`` naming it and the closest known name.
 
-The same dataclass is Hydra's schema for the ``ppo`` config group (and ``HeadConfig`` for ``head``), registered in
-the ConfigStore, so ``ppo.learning_rate=abc`` or ``head.init=bogus`` fail at the command line and unknown keys are
-rejected.
+Its fields, less TRL's PPOTrainer-only and run-time ones, are Hydra's schema for the ``ppo`` config group (and
+``HeadConfig`` for ``head``; see ``lit_vhead.cli``), so ``ppo.learning_rate=abc`` or ``head.init=bogus`` fail at the
+command line and unknown keys are rejected.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
-
-from hydra.core.config_store import ConfigStore
 
 from lit_vhead.ppo.functional import KL_PENALTY_KINDS
 from lit_vhead.value_head import DEFAULT_INITIALIZER_RANGE, INIT_STRATEGIES
@@ -281,14 +279,3 @@ def as_head_config(value: Any) -> HeadConfig:
     if isinstance(value, dict):
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(HeadConfig), value))
     raise TypeError(f"head must be a HeadConfig, a dict or None, got {type(value).__name__}.")
-
-
-def register_configs() -> None:
-    """Make the schemas available to ``configs/`` (``defaults: [/ppo_schema@_here_]``). They are stored outside any
-    config group, so ``--help`` does not offer them as options of the ``head`` and ``ppo`` groups."""
-    cs = ConfigStore.instance()
-    cs.store(name="head_schema", node=HeadConfig)
-    cs.store(name="ppo_schema", node=PPOConfig)
-
-
-register_configs()
