@@ -65,7 +65,7 @@ warnings.filterwarnings("ignore")
 MODEL = dict(n_layer=2, n_embd=16, n_head=2, n_positions=32, vocab_size=259, bos_token_id=1, eos_token_id=1,
              pad_token_id=0)
 PAD, EOS, FIRST_BYTE = 0, 1, 3
-COMMON = dict(learning_rate=3e-3, num_ppo_epochs=2, temperature=0.7, seed=0, bf16=False, use_cpu=True,
+COMMON = dict(learning_rate=1e-3, num_ppo_epochs=2, temperature=0.7, seed=0, bf16=False, use_cpu=True,
               report_to="none", save_strategy="no", num_sample_generations=0, disable_tqdm=True,
               gradient_checkpointing=False)
 # Where each row's EOS goes (None: no EOS, the response runs to full length).
@@ -78,7 +78,8 @@ CASES = {
                 query_lens=[3, 7, 5, 4, 6, 2, 7, 5], eos_at=EOS_AT, ref=True),
     "k3_whiten": dict(config=dict(per_device_train_batch_size=16, num_mini_batches=2, response_length=7,
                                   stop_token="eos", missing_eos_penalty=0.5, kl_estimator="k3", kl_coef=0.2,
-                                  whiten_rewards=True, cliprange_value=0.05, vf_coef=0.5, gamma=0.99, lam=0.9),
+                                  whiten_rewards=True, cliprange=0.05, cliprange_value=0.05, vf_coef=0.5, gamma=0.99,
+                                  lam=0.9),
                       query_lens=[3, 7, 5, 4, 6, 2, 7, 5] * 2, eos_at=EOS_AT * 2, ref=True),
     "accumulate": dict(config=dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, num_mini_batches=1,
                                    response_length=7, stop_token="eos"),
