@@ -7,8 +7,10 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 import hydra
 from omegaconf import DictConfig
 
-import lit_vhead.config  # noqa: F401  (registers the config schemas)
+from lit_vhead.config import register_configs
 from lit_vhead.train import main as run
+
+register_configs()  # the schemas that validate ppo.*, head.*
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -6,7 +6,8 @@ It takes TRL 0.11.4's ``PPOConfig`` field names and defaults, so a classic scrip
 - an unknown field raises ``TypeError`` naming it and the closest known name.
 
 The same dataclass is Hydra's schema for the ``ppo`` config group (and ``HeadConfig`` for ``head``), registered in
-the ConfigStore, so ``ppo.learning_rate=abc`` or ``head.init=bogus`` fail at the command line and unknown keys are
+the ConfigStore by :func:`register_configs` (called by the CLI entry point, not on import: importing lit_vhead loads
+no Hydra), so ``ppo.learning_rate=abc`` or ``head.init=bogus`` fail at the command line and unknown keys are
 rejected.
 """
 
@@ -21,8 +22,6 @@ import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
-
-from hydra.core.config_store import ConfigStore
 
 from lit_vhead.ppo.functional import KL_PENALTY_KINDS
 from lit_vhead.value_head import DEFAULT_INITIALIZER_RANGE, INIT_STRATEGIES
@@ -278,10 +277,10 @@ def as_head_config(value: Any) -> HeadConfig:
 
 def register_configs() -> None:
     """Make the schemas available to ``configs/`` (``defaults: [/ppo_schema@_here_]``). They are stored outside any
-    config group, so ``--help`` does not offer them as options of the ``head`` and ``ppo`` groups."""
+    config group, so ``--help`` does not offer them as options of the ``head`` and ``ppo`` groups. Call it before
+    composing ``configs/`` (``train.py`` does)."""
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
     cs.store(name="head_schema", node=HeadConfig)
     cs.store(name="ppo_schema", node=PPOConfig)
-
-
-register_configs()

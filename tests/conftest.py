@@ -106,8 +106,9 @@ def compose(overrides: list[str], output_dir) -> "DictConfig":  # noqa: F821
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import lit_vhead.config  # noqa: F401  (registers the schemas)
+    from lit_vhead.config import register_configs
 
+    register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):

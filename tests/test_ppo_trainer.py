@@ -633,7 +633,7 @@ def test_gloo_waits_return_once_the_worker_thread_lets_go_of_their_tensor():
     import threading
     import time
 
-    from lit_vhead.trainer import _released_after
+    from lit_vhead.accelerator import _released_after
 
     tensor, held = torch.zeros(1), []
     tic = time.monotonic()
