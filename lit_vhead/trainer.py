@@ -619,8 +619,9 @@ def _check_token_ids(name: str, values: Sequence, vocab: int) -> None:
             raise ValueError(f"{name}[{i}] must be a non-empty 1-D tensor of token ids, got {value!r}.")
         if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise ValueError(
-                f"{name}[{i}] holds {value.dtype} values ({value[:4].tolist()}...), not token ids: pass integer "
-                "tensors (torch.long, as the tokenizer returns them); floats would be cut (65.7 becomes 65)."
+                f"{name}[{i}] holds {value.dtype} values ({[round(float(v), 4) for v in value[:4]]}...), not token "
+                "ids: pass integer tensors (torch.long, as the tokenizer returns them); floats would be cut (65.7 "
+                "becomes 65)."
             )
     ids = torch.cat([value.reshape(-1).to(torch.long).cpu() for value in values])
     low, high = int(ids.min()), int(ids.max())

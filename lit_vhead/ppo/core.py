@@ -218,7 +218,7 @@ class PPOCore:
         with optimizer_in_backward(engine.optimizer) if in_backward else contextlib.nullcontext():
             skipped = self._epochs(engine, stages, rollout, advantages, returns, step_index, ratios, all_stats)
         mask = rollout.train_mask.bool()
-        train_stats = stack_dicts([{k: v for k, v in s.items() if v.numel() == 1} for s in all_stats])
+        train_stats = stack_dicts(all_stats)
         train_stats["policy/advantages"] = advantages[mask].unsqueeze(0)
         train_stats["policy/ratio"] = torch.cat(ratios).unsqueeze(0)
         return train_stats, skipped
@@ -262,7 +262,7 @@ class PPOCore:
                 # own cover the PPO step; Lightning's has the cache off): drop it, or the next minibatch runs on the
                 # weights before this update.
                 torch.clear_autocast_cache()
-                all_stats.append(stats)
+                all_stats.append({k: v for k, v in stats.items() if v.numel() == 1})  # arrays: not kept
             if ppo.early_stopping and stages._early_stop(stats["policy/policykl"]):
                 optimizer.zero_grad()
                 break
