@@ -1,16 +1,22 @@
 """Tiny local stand-ins for the hub models TRL 0.11.4's tests and examples load, and TRL's PPO tests made runnable
 against them, for the classic-API comparison in the README ("TRL 0.11.4's own tests").
 
-    /tmp/trl-classic/bin/python tools/make_trl_standins.py /tmp/trl-standins [path/to/trl/git/mirror]
+    /tmp/trl-classic/bin/python tools/make_trl_standins.py /tmp/trl-standins path/to/trl.git
 
 writes (nothing from the hub, deterministic):
 
-- ``models/<hub id>``: a tiny random model of the same architecture and vocabulary size as the hub model, with a
-  small byte-level BPE tokenizer trained here on a few sentences (GPT-2 and BLOOM stand-ins; GPT-2's splits
-  ``"This morning I went to the "`` into the 7 tokens TRL's tests expect) or ByT5's (T5, DistilBERT);
-- ``trl/tests`` and ``ours/tests``: TRL's ``tests/test_ppo_trainer.py`` at tag v0.11.4 (read from the mirror at run
-  time, never stored here) with the hub ids pointed at ``models/``; ``ours`` also has ``from trl`` replaced by
-  ``from lit_vhead``. Run each with ``python -m pytest -q <dir>/tests/test_ppo_trainer.py`` from ``<dir>``.
+- ``models/<hub id>``: a tiny random model of the hub model's architecture and vocabulary size (T5: ByT5's), with a
+  small byte-level BPE tokenizer trained here on a few sentences (GPT-2, BLOOM and the DistilBERT sentiment
+  classifier; GPT-2's splits ``"This morning I went to the "`` into the 7 tokens TRL's tests expect) or ByT5's (T5).
+  ``test_loss_trainer`` asserts two loss values that belong to the hub model's weights: the GPT-2 stand-in's value
+  head is fitted so that they come out (on it, TRL's ``PPOTrainer`` and lit_vhead's then compute the same losses,
+  as the test checks). The examples' data sets (``stanfordnlp/imdb``, ``Anthropic/hh-rlhf``,
+  ``lvwerra/stack-exchange-paired``) are random rows of their columns, ``trl-lib/llama-7b-hh-rm-adapter`` a reward
+  LoRA on the GPT-2 stand-in ``lvwerra/gpt2-imdb``;
+- ``trl/tests`` and ``ours/tests``: TRL's ``tests/test_ppo_trainer.py`` at tag v0.11.4 (read at run time from
+  ``path/to/trl.git``, a clone of huggingface/trl; never stored here) with the hub ids pointed at ``models/``;
+  ``ours`` also has ``from trl`` replaced by ``from lit_vhead``. Run each with ``python -m pytest -q
+  tests/test_ppo_trainer.py`` from ``<dir>`` (lit_vhead's side needs ``pip install parameterized``).
 
 Built with transformers 4.46 (the TRL-classic venv) so that both transformers 4 and 5 read the files.
 """
@@ -28,7 +34,6 @@ import transformers
 from safetensors.torch import load_file, save_file
 from tokenizers import ByteLevelBPETokenizer
 
-MIRROR = "/work/.mirror/huggingface+trl/repo"
 CORPUS = [
     "This morning I went to the market and the park.",
     "this is a test, this is another, longer test.",
@@ -131,7 +136,7 @@ def save_bloom(path: str) -> None:
 
 def save_t5(path: str) -> None:
     torch.manual_seed(2)
-    config = transformers.T5Config(num_layers=2, d_model=32, d_ff=64, num_heads=4, d_kv=8, vocab_size=32128,
+    config = transformers.T5Config(num_layers=2, d_model=32, d_ff=64, num_heads=4, d_kv=8, vocab_size=259,
                                    decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
     transformers.T5ForConditionalGeneration(config).save_pretrained(path)
     transformers.ByT5Tokenizer(extra_ids=0).save_pretrained(path)
@@ -146,7 +151,52 @@ def save_sentiment_classifier(path: str) -> None:
                                            id2label={0: "NEGATIVE", 1: "POSITIVE"},
                                            label2id={"NEGATIVE": 0, "POSITIVE": 1})
     transformers.DistilBertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.pad_token = tokenizer.eos_token  # the hub model's tokenizer has one ([PAD]): pipelines batch with it
     tokenizer.save_pretrained(path)
+
+
+def _write_rows(path: str, rows: int, make_row) -> None:
+    import json
+    import random
+
+    rng = random.Random(0)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "train.jsonl"), "w") as f:
+        for i in range(rows):
+            f.write(json.dumps(make_row(rng, i)) + "\n")
+
+
+def _text(rng, words: int) -> str:
+    vocabulary = "good bad great awful film movie plot actor boring brilliant scene story the a was and".split()
+    return " ".join(rng.choice(vocabulary) for _ in range(words))
+
+
+def save_imdb(path: str) -> None:
+    """``text``/``label`` rows (``load_dataset("stanfordnlp/imdb", split="train")``), each over the examples' 500-
+    character filter, two batches of TRL's default 128."""
+    _write_rows(path, 300, lambda rng, i: {"text": _text(rng, 130), "label": i % 2})
+
+
+def save_hh_rlhf(path: str) -> None:
+    """``chosen``/``rejected`` rows; ``ppo_multi_adapter.py`` takes ``train[:1%]``: 16 rows, two batches of 8."""
+    _write_rows(path, 1600, lambda rng, i: {"chosen": "Human: " + _text(rng, 25), "rejected": _text(rng, 5)})
+
+
+def save_stack_exchange(path: str) -> None:
+    """``data/rl`` of ``question`` rows: ``rl_training.py`` selects the first 100000."""
+    _write_rows(os.path.join(path, "data", "rl"), 100000,
+                lambda rng, i: {"question": _text(rng, 12), "response_j": "a", "response_k": "b"})
+
+
+def save_reward_adapter(path: str) -> None:
+    """A sequence-classification LoRA (2 labels) on the GPT-2 stand-in ``lvwerra/gpt2-imdb`` (the reward adapter of
+    ``ppo_multi_adapter.py``, which needs one trained on the policy's base)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(7)
+    base = os.path.join(path, "..", "..", "lvwerra", "gpt2-imdb")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(base, num_labels=2)
+    get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="SEQ_CLS")).save_pretrained(path)
 
 
 MODELS = {
@@ -155,6 +205,11 @@ MODELS = {
     "trl-internal-testing/tiny-BloomForCausalLM-correct-vocab": save_bloom,
     "trl-internal-testing/tiny-T5ForConditionalGeneration-correct-vocab": save_t5,
     "lvwerra/distilbert-imdb": save_sentiment_classifier,
+    "lvwerra/gpt2-imdb": lambda p: save_gpt2(p, 6),
+    "stanfordnlp/imdb": save_imdb,
+    "Anthropic/hh-rlhf": save_hh_rlhf,
+    "lvwerra/stack-exchange-paired": save_stack_exchange,
+    "trl-lib/llama-7b-hh-rm-adapter": save_reward_adapter,
 }
 
 
@@ -178,7 +233,7 @@ def write_tests(out: str, mirror: str) -> None:
                 f.write(content)
 
 
-def main(out: str, mirror: str = MIRROR) -> None:
+def main(out: str, mirror: str) -> None:
     torch.set_num_threads(1)
     for hub_id, build in MODELS.items():
         path = os.path.join(out, "models", hub_id)
