@@ -6,8 +6,10 @@ twice on fixed ``(queries, responses, scores)`` in its own venv; ``lit_vhead.PPO
 runs the same two steps (the same ``np.random.permutation`` minibatches), once per setting below. Printed: the largest
 ``|Δweight|`` against TRL after each step (and float32's spacing at that weight: ``ulp there``), for
 
-- ``plain``: ``cpu_kernels=False`` (PyTorch's default kernels: MKL sgemm, transformers' Python GELU);
-- ``cpu_kernels``: the default (oneDNN GEMMs, a faster tanh-GELU; ``lit_vhead.kernels``).
+- ``default``: ``cpu_kernels="auto"`` (oneDNN GEMMs where the probe measured them clearly faster on this CPU, else
+  PyTorch's: the line says which);
+- ``plain``: ``cpu_kernels=False`` (PyTorch's default kernels);
+- ``onednn``: ``cpu_kernels=True`` (oneDNN GEMMs forced; ``lit_vhead.kernels``).
 
 - ``trl start+1e-7``: the yardstick: TRL itself from the same start multiplied by ``1 + 1e-7 N(0, 1)`` (float
   rounding of the start weights), against TRL from the exact start.
@@ -145,7 +147,7 @@ def trl_yardstick(out: str) -> list[dict]:
     return rows
 
 
-def run_ours(out: str, cpu_kernels: bool, optimizer: str) -> list[dict]:
+def run_ours(out: str, cpu_kernels: bool | str, optimizer: str) -> list[dict]:
     import torch
     from safetensors.torch import load_file
 
@@ -180,9 +182,14 @@ def main() -> None:
         sys.path.insert(0, str(HERE.parent))
         results = {"trl start+1e-7": trl_yardstick(out)}
         for optimizer in ("adam", "sgd"):
-            for name, flag in (("plain", False), ("cpu_kernels", True)):
+            for name, flag in (("default", "auto"), ("plain", False), ("onednn", True)):
                 results[name if optimizer == "adam" else f"{name}, sgd"] = run_ours(out, flag, optimizer)
+    from lit_vhead import kernels
+
+    shapes = ((WORKLOAD["n_embd"] * 4, WORKLOAD["n_embd"]),)  # the workload's largest GEMM (its MLP), as auto sees it
+    auto = "oneDNN" if kernels.onednn_available() and kernels.probe_gemms(shapes).use_onednn else "PyTorch"
     print(f"One PPOTrainer.step x{STEPS} on the ppo_step workload vs TRL 0.11.4 (fp32, same start, same minibatches)")
+    print(f"on {kernels.cpu_name()}: cpu_kernels=auto ran {auto}'s GEMMs")
     print(f"{'setting':17s} {'step':>4s} {'max|dW| vs TRL':>15s} {'w/o key biases':>15s} {'ulp there':>10s} "
           f"{'max|update|':>12s}")
     for name, rows in results.items():

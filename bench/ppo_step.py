@@ -14,9 +14,10 @@ Adam lr 1e-4, dropout off in every PPO forward (as TRL classic's passes and ``PP
 Sides (``--sides``), each in its own process (so each has its own peak RSS), ``OMP_NUM_THREADS`` = ``--threads``:
 
 - ``ours``: the product: ``PPOModule`` + ``lightning.Trainer`` (reference = full frozen copy, default ``PPOConfig``:
-  ``cpu_kernels`` on), one Lightning epoch per PPO step; ``wall`` is the whole epoch (data, ``training_step``,
+  ``cpu_kernels="auto"``), one Lightning epoch per PPO step; ``wall`` is the whole epoch (data, ``training_step``,
   logging, loop), split by the module's logged ``time/ppo/*`` metrics. Variants of it: ``plain``
-  (``ppo.cpu_kernels=False``: PyTorch's default kernels), ``bf16`` (``precision=bf16-mixed``), ``bf16-plain``
+  (``ppo.cpu_kernels=False``: PyTorch's default kernels), ``onednn`` (``ppo.cpu_kernels=True``), ``bf16``
+  (``precision=bf16-mixed``), ``bf16-plain``
   (both), ``compile`` (``ppo.compile=True``), ``compile-plain`` (both), ``bf16-compile`` (both),
   ``in-backward`` (``ppo.optimizer_in_backward=True``: each parameter stepped, and its gradient dropped, during
   backward), ``shared`` (``ref=shared``,
@@ -52,6 +53,9 @@ compare ratios from one run, and repeat runs.
     python bench/ppo_step.py --preset gpt2-small --trl-python /tmp/trl-classic/bin/python
     python3 bench/ppo_step.py --preset gpt2-small --accelerator gpu --sides floor,ours,gemm   # on a GPU
 
+The report starts with the machine (CPU model, whether bf16 has hardware support: AMX or AVX512-BF16) and the
+``cpu_kernels="auto"`` decision of the ``ours`` side with the probe's GEMM rates: figures hold for that CPU only.
+
 Prints a table, then ONE JSON line (``{"bench": "ppo_step", ...}``).
 """
 
@@ -79,7 +83,7 @@ SAMPLING = dict(do_sample=True, top_k=0, top_p=1.0, eos_token_id=None, use_cache
 PRESETS = {
     "workload": dict(n_layer=4, n_embd=256, n_head=4, vocab_size=512, batch_size=32, query_len=16, response_len=32,
                      mini_batch_size=8, ppo_epochs=4, threads=1, steps=10, warmup=2,
-                     sides="floor,ours,plain,trainer,trl,gemm"),
+                     sides="floor,ours,plain,onednn,bf16,trainer,trl,gemm"),
     "gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, batch_size=16, query_len=16,
                        response_len=32, mini_batch_size=4, ppo_epochs=4, threads=2, steps=3, warmup=1,
                        sides="ours,in-backward,trl,shared,peft,gemm"),
@@ -88,6 +92,7 @@ PRESETS = {
 OURS = {
     "ours": {},
     "plain": {"cpu_kernels": False},
+    "onednn": {"cpu_kernels": True},
     "bf16": {"precision": "bf16-mixed"},
     "bf16-plain": {"precision": "bf16-mixed", "cpu_kernels": False},
     "compile": {"compile": True},
@@ -318,7 +323,7 @@ def run_ours(args, side: str) -> dict:
             "mini_batch_size": args.mini_batch_size,
             "ppo_epochs": args.ppo_epochs,
             "learning_rate": args.learning_rate,
-            "cpu_kernels": variant.get("cpu_kernels", True),
+            "cpu_kernels": variant.get("cpu_kernels", "auto"),
             "compile": variant.get("compile", False),
             "optimizer_in_backward": variant.get("optimizer_in_backward", False),
             "generation": {
@@ -348,7 +353,15 @@ def run_ours(args, side: str) -> dict:
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=RandomQueryDataModule())
-    return {"side": side, **peak_memory()}
+    from lit_vhead import kernels
+
+    shapes = kernels.gemm_shapes(module.policy)
+    auto = {"auto_onednn": kernels.use_cpu_kernels("auto", module.policy)}
+    if shapes and kernels.onednn_available():  # the probe this process's cpu_kernels="auto" decided by
+        probe = kernels.probe_gemms(shapes)
+        auto.update(probe_shapes=[list(s) for s in shapes], probe_pytorch_gflops=round(probe.pytorch_gflops, 1),
+                    probe_onednn_gflops=round(probe.onednn_gflops, 1))
+    return {"side": side, **peak_memory(), **auto}
 
 
 # ----------------------------------------------------------------------------------------- side: floor
@@ -597,7 +610,8 @@ def summarise(steps: list[dict], first: dict, result: dict) -> dict:
         values = [s[key] for s in steps if s.get(key) is not None]
         if values:
             out[key] = round(statistics.median(values), 4)
-    for key in ("gemm_gflop", "distinct_gemms", "gemm_calls"):
+    for key in ("gemm_gflop", "distinct_gemms", "gemm_calls", "auto_onednn", "probe_shapes", "probe_pytorch_gflops",
+                "probe_onednn_gflops"):
         if key in result:
             out[key] = result[key]
     return out
@@ -636,7 +650,40 @@ def ratios_of(summary: dict, measured: dict) -> dict:
     return ratios
 
 
-def print_report(args, sides: list[str], summary: dict, ratios: dict) -> None:
+def machine_facts(args) -> dict:
+    """Where the figures come from: they hold for this CPU (or GPU) only."""
+    import torch
+
+    from lit_vhead.kernels import cpu_flags, cpu_name, onednn_available
+
+    flags = cpu_flags()
+    facts = {
+        "cpu": cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx512f": "avx512f" in flags,
+        "bf16_hardware": sorted(flags & {"amx_bf16", "avx512_bf16"}) or None,
+        "onednn": onednn_available(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+    }
+    if args.accelerator == "gpu" and torch.cuda.is_available():
+        facts["gpu"] = torch.cuda.get_device_name()
+    return facts
+
+
+def print_report(args, sides: list[str], summary: dict, ratios: dict, machine: dict) -> None:
+    bf16 = ", ".join(machine["bf16_hardware"]) if machine["bf16_hardware"] else "none (bf16 is emulated)"
+    print(
+        f"\nMachine: {machine['cpu']} ({machine['cpu_capability']}, bf16 hardware: {bf16}), "
+        f"torch {machine['torch']}, {machine['threads']} thread(s)" + (f", GPU {machine['gpu']}" if "gpu" in machine
+                                                                         else "")
+    )
+    auto = next((summary[s] for s in ("ours", *OURS) if s in summary and "probe_shapes" in summary[s]), None)
+    if auto is not None:
+        speedup = auto["probe_onednn_gflops"] / auto["probe_pytorch_gflops"]
+        print(f"cpu_kernels=auto chose {'oneDNN' if auto['auto_onednn'] else 'PyTorch'}'s GEMMs: probe at "
+              f"{auto['probe_shapes']}: PyTorch {auto['probe_pytorch_gflops']} GFLOP/s, oneDNN "
+              f"{auto['probe_onednn_gflops']} GFLOP/s ({speedup:.2f}x; taken from 1.2x)")
     print(
         f"\nPPO step, GPT-2 {args.n_layer}x{args.n_embd} vocab {args.vocab_size}, batch {args.batch_size}, "
         f"{args.query_len}+{args.response_len} tokens, mini-batch {args.mini_batch_size}, {args.ppo_epochs} epochs; "
@@ -704,13 +751,15 @@ def main() -> None:
     measured = {side: children[side].steps[args.warmup :] for side in sides}
     summary = {side: summarise(measured[side], children[side].steps[0], results[side]) for side in sides}
     ratios = ratios_of(summary, measured)
-    print_report(args, sides, summary, ratios)
+    machine = machine_facts(args)
+    print_report(args, sides, summary, ratios, machine)
     print(
         json.dumps(
             {
                 "bench": "ppo_step",
                 "workload": {k: v for k, v in vars(args).items() if k not in ("side", "trl_python", "impl")},
                 "trl_python": args.trl_python,
+                "machine": machine,
                 "unit": "seconds per PPO step",
                 "sides": summary,
                 "ratios": ratios,

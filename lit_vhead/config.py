@@ -87,17 +87,14 @@ class PPOConfig:
     """TRL classic's PPO settings, TRL 0.11.4's names and defaults (``steps`` counts PPO steps here).
 
     Fields beyond TRL's: ``kl_penalty="k3"``, ``missing_eos_penalty`` (TRL PPOv2's: subtracted from the score of a
-    response that never produced EOS), ``generation`` (``PPOModule``'s sampling settings), and two speed settings:
-    ``cpu_kernels`` (CPU passes through oneDNN GEMMs and a faster tanh-GELU, glibc keeps freed memory; results differ
-    from PyTorch's default kernels by float rounding only, see ``lit_vhead.kernels``) and ``compile``
-    (``torch.compile`` of the policy's decoder layers in the PPO update; on a CPU with ``cpu_kernels`` it does not
-    pay, see ``bench/ppo_step.py``). One memory setting, off by default:
-    ``optimizer_in_backward`` steps each parameter as soon as its gradient is complete and drops that gradient (the
-    same weights, bitwise; one model-size of gradients less at peak, at the cost of one optimizer call per parameter
-    per minibatch: about 2% slower on the CPU benchmark workload, 1.7x slower on a GPU). It applies where that is
-    exact: one process, no GradScaler, ``max_grad_norm=None``, ``gradient_accumulation_steps=1``, a per-parameter
-    ``torch.optim`` optimizer (Adam, AdamW, SGD, ...); elsewhere the usual step runs. Callbacks that read gradients
-    (``on_before_optimizer_step``) see none while it is on.
+    response that never produced EOS), ``generation`` (``PPOModule``'s sampling settings), and settings that change
+    how the passes run, never the algorithm (see ``lit_vhead.kernels`` and the README's "Speed and memory"):
+    ``cpu_kernels`` (``"auto"``: fp32 CPU GEMMs through oneDNN where a one-time probe measures it at least 1.2x
+    faster than PyTorch's at the model's shapes; ``true``/``false`` force it), ``compile`` (``torch.compile`` of the
+    update's training forward) and ``optimizer_in_backward`` (each parameter stepped as soon as its gradient is
+    complete, the gradient dropped: bitwise the same weights, one model-size of gradients less at peak; it applies
+    where that is exact: one process, no GradScaler, ``max_grad_norm=None``, ``gradient_accumulation_steps=1``, a
+    per-parameter ``torch.optim`` optimizer; elsewhere the usual step runs).
     """
 
     exp_name: str = os.path.basename(sys.argv[0])[: -len(".py")]
@@ -151,7 +148,7 @@ class PPOConfig:
     dataset_num_proc: int | None = None
     missing_eos_penalty: float | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    cpu_kernels: bool = True
+    cpu_kernels: Any = "auto"  # "auto" | true | false (Any: Hydra passes true/false as bools, auto as text)
     compile: bool = False
     optimizer_in_backward: bool = False
 
@@ -195,6 +192,12 @@ class PPOConfig:
                 f"ppo.generation.min_new_tokens={generation.min_new_tokens} exceeds max_new_tokens="
                 f"{generation.max_new_tokens}."
             )
+        kernels = self.cpu_kernels
+        if isinstance(kernels, str):
+            kernels = {"auto": "auto", "true": True, "false": False}.get(kernels.lower(), kernels)
+        if kernels != "auto" and not isinstance(kernels, bool):
+            raise ValueError(f"ppo.cpu_kernels={self.cpu_kernels!r} must be auto, true or false.")
+        self.cpu_kernels = kernels
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("ppo.use_score_norm=true needs ppo.use_score_scaling=true (as in TRL).")
         if self.adap_kl_ctrl and (self.target <= 0 or self.horizon <= 0):

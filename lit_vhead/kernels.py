@@ -1,23 +1,17 @@
-"""Faster kernels for PPO's passes that change nothing but float rounding (``PPOConfig.cpu_kernels``, ``compile``).
+"""Faster CPU GEMMs for PPO's passes, changing nothing but float rounding (``PPOConfig.cpu_kernels``), and
+``torch.compile`` of the PPO update's forward (``PPOConfig.compile``).
 
-``cpu_kernels`` (:func:`fast_kernels`, on by default):
+``cpu_kernels`` (:func:`fast_kernels`): PyTorch sends fp32 CPU matmuls to MKL's ``sgemm``, which on AMD CPUs takes its
+AVX2 path (about 105 GFLOP/s on one Zen 5 core) where oneDNN's JIT GEMM uses AVX-512 (about 225 GFLOP/s); on Intel
+CPUs with AVX-512 the two run at the same rate. Inside :func:`fast_kernels` the fp32 GEMMs of ``nn.Linear``
+(``F.linear``) and GPT-2's ``Conv1D`` (``torch.addmm``) go to oneDNN, with weight gradients computed in each weight's
+own layout (no transposing copies). Routing is a ``TorchFunctionMode`` scoped to the block: nothing is set on the
+models, so it survives transformers re-applying its Hub kernels on ``train()``/``eval()``, deep copies, PEFT, DDP and
+FSDP2. Under CPU bf16 autocast the no-grad passes cast each weight to bf16 once per block instead of once per call,
+and backward passes use SDPA's math kernel. glibc is told to keep freed memory (no page faults per minibatch).
 
-- fp32 GEMMs through oneDNN: PyTorch sends fp32 CPU matmuls to MKL's ``sgemm``, which on AMD CPUs takes its AVX2
-  path (about 105 GFLOP/s on one Zen 5 core); oneDNN's JIT GEMM uses AVX-512 there (about 225 GFLOP/s). Same
-  product, fp32 accumulation, another blocking: results differ from MKL's by rounding only (as between two CPUs).
-- GPT-2's ``gelu_new`` (seven elementwise kernels forward, more backward) as the same function in fewer, faster
-  passes: ``x·σ(2u)`` forward (PyTorch's fused tanh-GELU kernel is twice as slow on CPU), its ``gelu_backward``.
-- under CPU bf16 autocast: the no-grad passes cast each weight to bf16 once per block instead of once per call, and
-  the update's backward passes use SDPA's math kernel (PyTorch's CPU flash-attention backward is slow in bf16).
-- glibc ``malloc`` keeps freed memory: by default it returns big freed blocks to the OS, so every minibatch
-  page-faults its activation buffers in again (about 25k faults per PPO step on the benchmark workload).
-
-:func:`fast_kernels` swaps the forwards of the models' ``nn.Linear``/``Conv1D`` and ``NewGELUActivation`` modules for
-the duration of a block (instance attributes, removed on exit: nothing persists, copies and checkpoints see the
-plain modules). A swapped linear falls back to the module's own forward for anything but CPU fp32 parameters (and
-fp32 or bf16-autocast compute), so GPU, bf16 and fp16 runs keep PyTorch's kernels.
-
-``compile`` (:func:`compiled_layers`, off by default): ``torch.compile`` of the decoder layers during the update.
+``cpu_kernels="auto"`` (the default) measures once per process, at the model's GEMM shapes, whether oneDNN is clearly
+faster here (>= :data:`AUTO_SPEEDUP`); elsewhere PyTorch's own kernels run and the update is PyTorch's to the bit.
 """
 
 from __future__ import annotations
@@ -25,22 +19,22 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import math
+import logging
 import platform
-import types
-import warnings
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-try:  # transformers' GPT-2 linear layer (weights stored [in, out]) and its Python tanh-GELU
-    from transformers.activations import NewGELUActivation
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency
-    Conv1D = NewGELUActivation = None
+log = logging.getLogger(__name__)
+
+AUTO_SPEEDUP = 1.2  # cpu_kernels="auto" takes oneDNN only where its GEMMs are at least this much faster
+CPU_KERNEL_SETTINGS = ("auto", True, False)
 
 
 def onednn_available() -> bool:
@@ -116,34 +110,30 @@ _linear_op.register_autograd(
 )
 
 
-_BF16_COPIES: dict[int, torch.Tensor] | None = None  # inside fast_kernels: bf16 copies of weights, see linear()
-
-
 def _autocast_bf16() -> bool:
     return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           transposed: bool = False) -> torch.Tensor | None:
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, transposed: bool = False,
+           bf16_copies: dict[int, torch.Tensor] | None = None) -> torch.Tensor | None:
     """``F.linear(x, weight, bias)`` by oneDNN (``weight.T`` for a ``transposed`` ``[in, out]`` weight), or None
-    where the module's own forward should run (not CPU fp32 parameters, empty input, fp16 autocast).
+    where PyTorch's own kernel should run (not CPU fp32 parameters, empty input, fp16 autocast).
 
-    Under CPU bf16 autocast only the no-grad calls are taken (generation, the rollout and reference passes): they
-    compute what autocast would, but cast each weight to bf16 once per ``fast_kernels`` block instead of once per
-    call (33 forwards per rollout on the benchmark). The first grad-enabled call drops those copies: the optimizer
-    may change the weights from then on, and autocast casts per call again.
+    Under CPU bf16 autocast only no-grad calls are taken, and only with ``bf16_copies`` (the block's cache): they
+    compute what autocast would, but cast each weight to bf16 once per block instead of once per call. The first
+    grad-enabled call drops those copies: the optimizer may change the weights from then on.
     """
     params = (weight,) if bias is None else (weight, bias)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in params) or x.numel() == 0 or weight.dim() != 2:
         return None
     grad = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
     if torch.is_autocast_enabled("cpu"):
-        if not _autocast_bf16() or torch.compiler.is_compiling() or _BF16_COPIES is None:
+        if not _autocast_bf16() or torch.compiler.is_compiling() or bf16_copies is None:
             return None
         if grad:
-            _BF16_COPIES.clear()
+            bf16_copies.clear()
             return None
-        copies = [_BF16_COPIES.setdefault(id(t), t.detach().to(torch.bfloat16)) for t in params]
+        copies = [bf16_copies.setdefault(id(t), t.detach().to(torch.bfloat16)) for t in params]
         weight, bias = copies[0], (copies[1] if bias is not None else None)
         x = x.to(torch.bfloat16)
     elif x.dtype != torch.float32:
@@ -158,100 +148,53 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    out = linear(x, self.weight, self.bias)
-    return type(self).forward(self, x) if out is None else out
+class OneDNNGemms(TorchFunctionMode):
+    """Inside the block, fp32 CPU ``F.linear`` and ``torch.addmm(bias, x, W)`` (GPT-2's ``Conv1D``, ``W`` stored
+    ``[in, out]``) run by oneDNN; every other call, and these in other dtypes or devices, runs as it would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bf16_copies: dict[int, torch.Tensor] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = None
+        if func is F.linear:
+            x = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            out = linear(x, weight, bias, bf16_copies=self.bf16_copies)
+        elif func is torch.addmm and len(args) == 3 and not kwargs:
+            bias, x, weight = args
+            if bias.dim() == 1 and x.dim() == 2 and weight.dim() == 2 and bias.shape[0] == weight.shape[1]:
+                out = linear(x, weight, bias, transposed=True, bf16_copies=self.bf16_copies)
+        return func(*args, **kwargs) if out is None else out
 
 
-def _conv1d_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = linear(x, self.weight, self.bias, transposed=True)  # Conv1D keeps its weight as [in, out]
-    return type(self).forward(self, x) if out is None else out
-
-
-_GELU_2C = 2 * math.sqrt(2 / math.pi)  # tanh-GELU = 0.5·x·(1 + tanh u), u = c·(x + 0.044715·x³) = x·σ(2u)
-
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """tanh-GELU as ``x·σ(2u)``: the same function in five passes, twice as fast as PyTorch's CPU kernel (whose
-    vectorised ``tanh`` is slow); the two differ by float rounding (about 1e-7)."""
-    s = x * x
-    s.mul_(_GELU_2C * 0.044715).add_(_GELU_2C).mul_(x).sigmoid_()
-    return s.mul_(x)
-
-
-class _GeluTanh(torch.autograd.Function):
-    """:func:`_gelu_tanh` forward; PyTorch's own ``gelu_backward`` (as fast as any rewrite of it)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return _gelu_tanh(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten.gelu_backward(grad, ctx.saved_tensors[0], approximate="tanh")
-
-
-def _gelu_tanh_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # Below about 16k elements, or for other dtypes and devices, PyTorch's one fused kernel is the faster.
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() < 16384 or torch.compiler.is_compiling():
-        return F.gelu(x, approximate="tanh")
-    return _GeluTanh.apply(x) if torch.is_grad_enabled() and x.requires_grad else _gelu_tanh(x)
-
-
-def _fast_forward(module: nn.Module, gemms: bool):
-    """The replacement forward of ``module`` (a plain function of ``(self, x)``), or None to leave it as it is."""
-    if "forward" in module.__dict__:  # already swapped by someone (e.g. trunk reuse): leave it alone
-        return None
-    cls = type(module)
-    if gemms and cls.forward is nn.Linear.forward:
-        return _linear_forward
-    if gemms and Conv1D is not None and cls.forward is Conv1D.forward:
-        return _conv1d_forward
-    if NewGELUActivation is not None and cls.forward is NewGELUActivation.forward:
-        return _gelu_tanh_forward
-    return None
+_ACTIVE = 0  # nesting depth of fast_kernels blocks that routed GEMMs
 
 
 @contextlib.contextmanager
-def fast_kernels(*models: nn.Module | None, enabled: bool = True, backward: bool = False) -> Iterator[None]:
-    """Run the block with the fast forwards swapped into ``models`` (duplicates and None are skipped).
+def fast_kernels(*models: nn.Module | None, enabled: bool | str = "auto",
+                 backward: bool = False) -> Iterator[OneDNNGemms | None]:
+    """Run the block with fp32 CPU GEMMs routed to oneDNN where ``enabled`` says so (``"auto"``: where the probe
+    measured it clearly faster for these ``models``' shapes; ``True``: always, where oneDNN exists; ``False``: never).
 
-    ``backward``: the block runs backward passes (the PPO update; not a rollout). Gradients of a graph built inside
-    the block may be computed after it: the GEMMs' backward is in the graph. The optimizer may change the weights
-    inside the block only after a grad-enabled forward (see :func:`linear`).
+    ``backward``: the block runs backward passes (the PPO update, not a rollout). Gradients of a graph built inside
+    the block may be computed after it: the GEMMs' backward is in the graph. Nothing is set on ``models``. Yields
+    the routing mode, or None where PyTorch's kernels run (also inside an outer block, which already routes).
     """
-    global _BF16_COPIES
-    if not enabled:
-        yield
+    global _ACTIVE
+    if _ACTIVE or not use_cpu_kernels(enabled, *models):
+        yield None
         return
     keep_freed_memory()
-    gemms = onednn_available()
-    swapped: list[nn.Module] = []
-    seen: set[int] = set()
-    outermost = _BF16_COPIES is None
-    if outermost:
-        _BF16_COPIES = {}
+    _ACTIVE += 1
     try:
-        for model in models:
-            if model is None:
-                continue
-            for module in model.modules():
-                if id(module) in seen:
-                    continue
-                seen.add(id(module))
-                forward = _fast_forward(module, gemms)
-                if forward is not None:  # bound, so a deep copy made inside the block binds to the copy
-                    module.forward = types.MethodType(forward, module)
-                    swapped.append(module)
-        with _attention_backend(backward):
-            yield
+        with OneDNNGemms() as mode, _attention_backend(backward):
+            yield mode
     finally:
-        for module in swapped:
-            del module.forward
-        if outermost:
-            _BF16_COPIES = None
+        _ACTIVE -= 1
 
 
 def _attention_backend(backward: bool):
@@ -265,42 +208,147 @@ def _attention_backend(backward: bool):
     return contextlib.nullcontext()
 
 
-_COMPILED_FORWARDS: dict[type, Any] = {}
+# ----------------------------------------------------------------------------------------- the auto decision
+@dataclass(frozen=True)
+class GemmProbe:
+    """PyTorch's and oneDNN's fp32 GEMM rates at a model's shapes on this machine."""
+
+    shapes: tuple[tuple[int, int], ...]  # (in, out) of the GEMMs timed
+    threads: int
+    pytorch_gflops: float
+    onednn_gflops: float
+
+    @property
+    def speedup(self) -> float:
+        return self.onednn_gflops / self.pytorch_gflops
+
+    @property
+    def use_onednn(self) -> bool:
+        return self.speedup >= AUTO_SPEEDUP
 
 
-@contextlib.contextmanager
-def compiled_layers(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Run the block with ``model``'s decoder layers' forwards compiled by ``torch.compile`` (``PPOConfig.compile``).
+def gemm_shapes(*models: nn.Module | None, largest: int = 1) -> tuple[tuple[int, int], ...]:
+    """The ``(in, out)`` shapes of the ``largest`` distinct fp32 CPU linear weights of ``models`` (by size): the
+    GEMMs that dominate a PPO step. Empty if the models have none (GPU, bf16)."""
+    shapes = set()
+    for model in models:
+        if model is None:
+            continue
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.dtype != torch.float32:
+                continue
+            if weight.device.type != "cpu" or isinstance(module, nn.Embedding):
+                continue
+            if isinstance(module, nn.Linear):
+                shapes.add((module.in_features, module.out_features))
+            elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight [in, out]
+                shapes.add(tuple(weight.shape))
+    return tuple(sorted(shapes, key=lambda s: (s[0] * s[1], s), reverse=True)[:largest])
 
-    One compiled function per layer class, shared by all its layers (their weights are graph inputs), compiled on
-    first use and kept for the process; hooks and everything outside the layers stay eager. Layers are found by
-    :data:`lit_vhead.reference.LAYER_PATTERNS`; a model none of them matches runs eager (with a warning).
-    """
-    if not enabled:
-        yield
-        return
-    from lit_vhead.reference import find_layer_pattern, layer_module_names
 
+@functools.cache
+def probe_gemms(shapes: tuple[tuple[int, int], ...], threads: int | None = None, rounds: int = 4) -> GemmProbe:
+    """Time PyTorch's fp32 GEMMs against oneDNN's at ``shapes``: each shape's forward product and the two of its
+    backward (input and weight gradients, whose operand layouts differ), in interleaved rounds (the best round of
+    each counts, so a busy moment hits both alike). Once per process and shape set: about 5 ms for the benchmark
+    workload, 50 ms at GPT-2 small. Each GEMM gets as many rows as keep it near 15 MFLOP (16 to 256): the rates,
+    not the sizes, decide."""
+    threads = threads or torch.get_num_threads()
+    generator = torch.Generator().manual_seed(0)
+    operands, flops = [], 0
+    for i, o in shapes:
+        rows = max(16, min(256, 7_500_000 // (i * o)))
+        x, w, g = (torch.rand(*shape, generator=generator) for shape in ((rows, i), (o, i), (rows, o)))
+        operands.append((x, w, g))
+        flops += 3 * 2 * rows * i * o
+    onednn = torch.ops.mkldnn._linear_pointwise
+
+    def pytorch_gemms(x, w, g):  # what autograd runs for F.linear: forward, grad_input, grad_weight
+        F.linear(x, w), torch.mm(g, w), torch.mm(g.t(), x)
+
+    def onednn_gemms(x, w, g):  # what _Linear runs (see _gradients)
+        onednn(x, w, None, "none", [], ""), onednn(g, w.t(), None, "none", [], "")
+        onednn(g.t().contiguous(), x.t(), None, "none", [], "")
+
+    paths = {"pytorch": pytorch_gemms, "onednn": onednn_gemms}
+    best = dict.fromkeys(paths, float("inf"))
+    with torch.no_grad():
+        for _ in range(rounds + 1):  # the first round warms up
+            for name, gemms in paths.items():
+                tic = time.perf_counter()
+                for ops in operands:
+                    gemms(*ops)
+                best[name] = min(best[name], time.perf_counter() - tic)
+    return GemmProbe(shapes, threads, flops / best["pytorch"] / 1e9, flops / best["onednn"] / 1e9)
+
+
+_LOGGED: set[tuple] = set()
+
+
+def use_cpu_kernels(setting: bool | str, *models: nn.Module | None) -> bool:
+    """Whether ``cpu_kernels=setting`` routes the GEMMs of ``models`` to oneDNN here. ``"auto"`` decides by
+    :func:`probe_gemms` and logs the decision once per process and shape set."""
+    if setting is False or setting == "false":
+        return False
+    if not onednn_available():
+        return False
+    if setting is True or setting == "true":
+        return True
+    shapes = gemm_shapes(*models)
+    if not shapes:  # no fp32 CPU weights: GPU or low-precision models keep PyTorch's kernels
+        return False
+    probe = probe_gemms(shapes)
+    key = (shapes, probe.threads)
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        choice = "oneDNN GEMMs" if probe.use_onednn else "PyTorch's GEMMs"
+        log.info(
+            "cpu_kernels=auto: %s (oneDNN %.0f vs PyTorch %.0f GFLOP/s = %.2fx at this model's shapes %s, %d "
+            "thread(s), on %s; oneDNN is taken from %.1fx)", choice, probe.onednn_gflops, probe.pytorch_gflops,
+            probe.speedup, list(shapes), probe.threads, cpu_name(), AUTO_SPEEDUP,
+        )
+    return probe.use_onednn
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The CPU model as the OS names it (``/proc/cpuinfo`` on Linux), else ``platform.processor()``."""
     try:
-        pattern, num_layers = find_layer_pattern(model)
-    except ValueError as error:
-        warnings.warn(f"ppo.compile: no decoder layers found, running eager ({error})", stacklevel=3)
-        yield
-        return
-    layers = [model.get_submodule(path) for path in layer_module_names(model, num_layers, pattern)]
-    layers = [layer for layer in layers if "forward" not in layer.__dict__]
-    for layer in layers:
-        cls = type(layer)
-        if cls not in _COMPILED_FORWARDS:
-            _COMPILED_FORWARDS[cls] = torch.compile(cls.forward)
-        layer.forward = types.MethodType(_COMPILED_FORWARDS[cls], layer)
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
     try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
+# ----------------------------------------------------------------------------------------- compile
+_COMPILED: dict[Any, Any] = {}
+
+
+def compiled(fn):
+    """``torch.compile(fn)``, made once per function and kept for the process (``PPOConfig.compile``). ``fn`` is
+    our own function that calls the model; nothing is set on the model."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn)
+    return _COMPILED[fn]
+
+
+# ----------------------------------------------------------------------------------------- memory
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 

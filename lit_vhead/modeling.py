@@ -193,6 +193,10 @@ class PreTrainedModelWrapper(nn.Module):
         reward_adapter_name = kwargs.pop("reward_adapter_name", "reward_adapter")
         is_trainable = kwargs.pop("is_trainable", False)
         head_kwargs, hf_kwargs, kbit_kwargs = cls._split_kwargs(kwargs)
+        # transformers' Hub kernels stay off unless asked for (`use_kernels=True`): they fetch code from the Hub at
+        # run time (offline they cannot), and PPO's grad-enabled passes run in eval mode, where they install
+        # inference-only kernels.
+        hf_kwargs.setdefault("use_kernels", False)
         check_init_strategy(head_kwargs.get("v_head_init_strategy"))
         _quantization_config(hf_kwargs)
         if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):

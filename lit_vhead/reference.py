@@ -148,6 +148,25 @@ def layer_module_names(model: nn.Module, num_shared_layers: int, pattern: str | 
     return [paths[layer] for layer in sorted(paths)]
 
 
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def instance_forward(module: nn.Module, forward: Any) -> Iterator[None]:
+    """Shadow ``module``'s forward with ``forward`` inside the block, then restore exactly what was there before (an
+    instance forward or none); a forward that another party bound meanwhile is theirs and is left in place."""
+    before = module.__dict__.get("forward", _UNSET)
+    module.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        if module.__dict__.get("forward", _UNSET) is forward:
+            if before is _UNSET:
+                del module.__dict__["forward"]
+            else:
+                module.__dict__["forward"] = before
+
+
 REFERENCE_MODES = ("copy", "shared", "peft")
 
 
@@ -216,14 +235,16 @@ class Reference:
         if self.captured is None:
             raise RuntimeError("Trunk reuse: run the policy's forward inside `reference.capture(policy)` first.")
         captured, self.captured = self.captured, None
-        layers = [self.model.get_submodule(path) for path in self.trunk]
-        for layer in layers:  # an instance attribute shadows the class's forward until deleted
-            layer.forward = lambda *args, **kwargs: captured
-        try:
+        # Skipping a module's computation takes a forward swap: a pre-hook can change a layer's inputs but not skip
+        # it, and the layers' parent model calls them itself. The layers are the reference copy's own modules (deep
+        # copies made by create_reference_model), never the user's. A swap lost to someone re-binding `forward` in
+        # between (transformers' kernels on train()/eval()) only costs the saving: the shared layers then compute
+        # the very output that was captured.
+        skip = lambda *args, **kwargs: captured  # noqa: E731
+        with contextlib.ExitStack() as stack:
+            for path in self.trunk:
+                stack.enter_context(instance_forward(self.model.get_submodule(path), skip))
             yield
-        finally:
-            for layer in layers:
-                del layer.forward
 
     def follow(self, policy: nn.Module) -> None:
         """Move to the policy's device and dtype, then re-share the storage that the move un-shared."""

@@ -58,7 +58,7 @@ def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int | None)
 
 @torch.no_grad()
 def generate(policy, batch: dict[str, torch.Tensor], settings: GenerationConfig, tokenizer,
-             cpu_kernels: bool = False) -> Rollout:
+             cpu_kernels: bool | str = False) -> Rollout:
     """Sample one response per prompt with the KV cache; responses end at (and keep) their first EOS.
 
     ``cpu_kernels``: run the policy with :func:`lit_vhead.kernels.fast_kernels` (``PPOConfig.cpu_kernels``).

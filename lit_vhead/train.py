@@ -7,8 +7,10 @@ output dir) runs before any model is built or any step runs.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -220,9 +222,23 @@ def metric_value(metrics: dict[str, float], name: str | None) -> float | None:
     return metrics[name]
 
 
+def _print_library_log() -> None:
+    """lit_vhead's own info lines (e.g. which GEMM path ``cpu_kernels=auto`` chose) go to the console, once: on the
+    first process of the machine."""
+    logger = logging.getLogger("lit_vhead")
+    if logger.handlers or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed here, not again by a root handler
+
+
 def main(cfg: DictConfig) -> float | None:
     """The CLI: run ``train``; a user error prints one line (``LIT_VHEAD_TRACEBACK=1`` shows the traceback) and
     leaves no empty run dir behind."""
+    _print_library_log()
     try:
         return metric_value(train(cfg), cfg.get("optimized_metric"))
     except USER_ERRORS as err:

@@ -60,7 +60,7 @@ from lit_vhead.data import pad_queries
 from lit_vhead.kernels import fast_kernels
 from lit_vhead.modeling import PreTrainedModelWrapper
 from lit_vhead.ppo.core import Engine, PPOCore, default_optimizer
-from lit_vhead.ppo.stages import PPOStages
+from lit_vhead.ppo.stages import PPOStages, training_compiled
 from lit_vhead.reference import Reference, ReferenceConfig
 from lit_vhead.rollout import Rollout, forward_window
 from lit_vhead.trainer_state import load_trainer_state, save_trainer_state
@@ -499,7 +499,7 @@ class PPOTrainer(PPOStages):
                 if "position_ids" not in inputs:
                     inputs["position_ids"] = position_ids_from_mask(inputs["attention_mask"])
                 inputs["logits_to_keep"] = width + 1
-            out = forward_window(model, inputs, labels, self.is_encoder_decoder)
+            out = training_compiled(forward_window, self.config)(model, inputs, labels, self.is_encoder_decoder)
             parts.append((out.logprobs, out.logits if return_logits else None, out.values))
         logprobs, logits, values = (None if column[0] is None else torch.cat(column) for column in zip(*parts))
         return logprobs, logits, values, masks.to(logprobs.device)

@@ -28,10 +28,10 @@ def train_commands():
 def test_readme_opens_with_the_two_commands_ci_runs():
     first = BLOCKS[0][1].splitlines()
     setup_main, setup_tests = (line.split("#")[0].strip() for line in first[:2])
-    assert setup_main == "pip install torch==2.13.0 && pip install -e . && python train.py"
-    assert setup_tests.startswith('pip install torch==2.13.0 && pip install -e ".[dev]" && ')
+    assert setup_main == "pip install torch==2.13.0 && pip install -c constraints.txt -e . && python train.py"
+    assert setup_tests.startswith('pip install torch==2.13.0 && pip install -c constraints.txt -e ".[dev]" && ')
     ci = open(f"{ROOT}/.ci/run").read()
-    assert "pip install -q torch==2.13.0" in ci and 'pip install -q -e ".[dev]"' in ci
+    assert "pip install -q torch==2.13.0" in ci and 'pip install -q -c constraints.txt -e ".[dev]"' in ci
     assert "OMP_NUM_THREADS=1" in ci and "python -m pytest -q" in ci and setup_tests.endswith("python -m pytest -q")
 
 

@@ -17,8 +17,9 @@ class Capture(L.Callback):
 
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
-    """Real DDP (gloo): ranks stay in sync, sample their own prompts, only rank 0 logs and saves."""
-    args = ["trainer=ddp", "trainer.devices=2", "ppo.steps=3", "ppo.batch_size=8", "ppo.mini_batch_size=4",
+    """Real DDP (gloo): ranks stay in sync, sample their own prompts, only rank 0 logs and saves (with the oneDNN
+    GEMM routing on: it lives in a dispatch mode, not in DDP's wrapped module)."""
+    args = ["trainer=ddp", "trainer.devices=2", "ppo.steps=3", "ppo.cpu_kernels=true", "ppo.batch_size=8", "ppo.mini_batch_size=4",
             "logger=csv", "+callbacks.report._target_=helpers_callbacks.RankReport",
             f"+callbacks.report.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
     result = run_cli(args, cwd=tmp_path, env_extra={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)})
@@ -36,7 +37,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
 def test_bf16_on_cpu_keeps_value_head_and_losses_in_fp32(tmp_path, precision):
     capture = Capture()
-    metrics = fit_with(compose(FAST + [f"trainer.precision={precision}"], tmp_path), [capture])
+    metrics = fit_with(compose(FAST + [f"trainer.precision={precision}", "ppo.cpu_kernels=true"], tmp_path), [capture])
     policy = capture.module.policy
     assert policy.v_head.summary.weight.dtype == torch.float32
     expected_base = torch.bfloat16 if precision == "bf16-true" else torch.float32
@@ -50,7 +51,8 @@ def test_bf16_on_cpu_keeps_value_head_and_losses_in_fp32(tmp_path, precision):
 
 def test_gradient_checkpointing_trains(tmp_path):
     capture = Capture()
-    metrics = fit_with(compose(FAST + ["ppo.gradient_checkpointing=true"], tmp_path), [capture])
+    overrides = ["ppo.gradient_checkpointing=true", "ppo.cpu_kernels=true"]  # recomputation under the GEMM routing
+    metrics = fit_with(compose(FAST + overrides, tmp_path), [capture])
     assert capture.module.policy.pretrained_model.is_gradient_checkpointing
     assert torch.isfinite(torch.tensor(metrics["ppo/loss/total"]))
 
@@ -72,12 +74,13 @@ def test_fsdp2_config_trains_with_a_sharded_policy(tmp_path):
     from lit_vhead.train import train
 
     capture = Capture()
-    overrides = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true", "ppo.max_grad_norm=1.0"]
+    overrides = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true", "ppo.max_grad_norm=1.0",
+                 "ppo.cpu_kernels=true"]
     metrics = fit_with(compose(FAST + overrides, tmp_path / "fsdp"), [capture])
     params = list(capture.module.policy.parameters())
     assert params and all(type(p).__name__ == "DTensor" for p in params)
     assert not any(type(p).__name__ == "DTensor" for p in capture.module.reference.model.parameters())
-    train(compose(FAST, tmp_path / "plain"))
+    train(compose(FAST + ["ppo.cpu_kernels=true"], tmp_path / "plain"))
     sharded, plain = read_csv(tmp_path / "fsdp"), read_csv(tmp_path / "plain")
     assert len(sharded) == len(plain) == 4 and all(math.isfinite(float(r["ppo/loss/total"])) for r in sharded)
     # The first rollout comes from the same weights and seed: the same responses, the same rewards.

@@ -24,7 +24,7 @@ import torch
 
 from lit_vhead.config import PPOConfig
 from lit_vhead.core import stack_dicts
-from lit_vhead.kernels import compiled_layers, fast_kernels
+from lit_vhead.kernels import fast_kernels
 from lit_vhead.ppo.functional import world_size
 from lit_vhead.ppo.kl import make_kl_controller
 from lit_vhead.ppo.optimizer_in_backward import optimizer_in_backward, why_not
@@ -96,8 +96,7 @@ class PPOCore:
              step_index: int = 0) -> StepOutput:
         """Update the policy on ``rollout`` scored ``raw_scores`` ([B]); returns the step's statistics."""
         ppo = self.config
-        kernels = fast_kernels(engine.policy, engine.reference.model, enabled=ppo.cpu_kernels, backward=True)
-        with kernels, compiled_layers(engine.policy, enabled=ppo.compile):
+        with fast_kernels(engine.policy, engine.reference.model, enabled=ppo.cpu_kernels, backward=True):
             return self._step(engine, engine.stages or self.stages, rollout, raw_scores, eos_token_id, step_index)
 
     def _step(self, engine: Engine, stages: PPOStages, rollout: Rollout, raw_scores: torch.Tensor,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lit_vhead.kernels import compiled
 from lit_vhead.ppo.functional import (
     compute_advantages,
     entropy_from_logits,
@@ -34,6 +35,11 @@ from lit_vhead.rollout import Rollout, forward
 def _kind(value: Any) -> str:
     """The KL estimator's name, from the config's enum or a plain string set on the config later (TRL's tests do)."""
     return getattr(value, "value", value)
+
+
+def training_compiled(fn: Any, config: Any) -> Any:
+    """``fn`` compiled for the training passes (gradients on) when ``PPOConfig.compile`` asks; else ``fn``."""
+    return compiled(fn) if config.compile and torch.is_grad_enabled() else fn
 
 
 def _is_scalar(value: Any) -> bool:
@@ -57,7 +63,7 @@ class PPOStages:
         """``(logprobs, logits or None, values, masks)`` of the rollout's responses under ``model`` (``[B, T]``;
         logits ``[B, T, V]``); ``masks`` are the tokens PPO trains on. ``PPOTrainer`` answers it with TRL's
         ``batched_forward_pass``."""
-        out = forward(model, rollout, temperature)
+        out = training_compiled(forward, self.config)(model, rollout, temperature)
         mask = rollout.train_mask if rollout.train_mask is not None else rollout.response_mask
         return out.logprobs, out.logits if return_logits else None, out.values, mask
 
