@@ -471,7 +471,8 @@ class PPOTrainer(PPOStages):
         TRL's spanned the whole sequence, whose other columns are masked out), so the LM head skips the prompt;
         ``masks`` is 1 on each row's response tokens (times ``response_masks``). Causal inputs without
         ``position_ids`` get them from ``attention_mask`` (trl#469)."""
-        model.eval()
+        if model.training:  # dropout off, as TRL (the core has set it already: skip the walk over every module)
+            model.eval()
         batch, fbs = len(queries), self.config.mini_batch_size
         if self.is_encoder_decoder:
             width = model_inputs["decoder_input_ids"].shape[1] - 1
@@ -482,10 +483,11 @@ class PPOTrainer(PPOStages):
             width = model_inputs["input_ids"].shape[1] - min(starts)
             starts = [s - min(starts) for s in starts]
             lengths, skip = [len(r) for r in responses], 0
-        masks = torch.zeros(batch, width, dtype=torch.long)
-        for row, (start, length) in enumerate(zip(starts, lengths)):
-            given = torch.ones(length) if response_masks is None else torch.as_tensor(response_masks[row])[skip:]
-            masks[row, start : start + length] = given.long().cpu()
+        begin, end = torch.tensor(starts)[:, None], torch.tensor(starts)[:, None] + torch.tensor(lengths)[:, None]
+        columns = torch.arange(width)
+        masks = ((columns >= begin) & (columns < end)).long()
+        for row, given in enumerate(response_masks or []):
+            masks[row, starts[row] : starts[row] + lengths[row]] *= torch.as_tensor(given)[skip:].long().cpu()
         parts = []
         for begin in range(0, batch, fbs):
             inputs = {key: value[begin : begin + fbs] for key, value in model_inputs.items()}
