@@ -386,3 +386,14 @@ def test_load_state_is_all_or_nothing(tmp_path):
     assert not changed(before, weights_of(target.model))
     assert torch.equal(target.optimizer.state_dict()["state"][0]["step"], optimizer["state"][0]["step"])
     assert target.steps_done == 1
+
+
+def test_transformers_argument_parser_reads_ppo_config():
+    """TRL's ``examples/scripts/ppo.py`` builds its command line with ``HfArgumentParser((ScriptArguments,
+    PPOConfig))``: every field must be one it can parse (``cpu_kernels`` typed ``Any`` was not)."""
+    parser = transformers.HfArgumentParser(PPOConfig)
+    (default,) = parser.parse_args_into_dataclasses(args=[])
+    assert default.cpu_kernels == "auto" and default.kl_penalty == "kl"
+    (config,) = parser.parse_args_into_dataclasses(
+        args=["--cpu_kernels", "false", "--batch_size", "8", "--mini_batch_size", "4", "--kl_penalty", "abs"])
+    assert config.cpu_kernels is False and config.batch_size == 8 and config.kl_penalty == "abs"
