@@ -29,7 +29,7 @@ from lit_vhead.ppo.functional import world_size
 from lit_vhead.ppo.kl import make_kl_controller
 from lit_vhead.ppo.optimizer_in_backward import optimizer_in_backward, why_not
 from lit_vhead.ppo.running_moments import RunningMoments
-from lit_vhead.ppo.stages import PPOStages
+from lit_vhead.ppo.stages import PPOStages, kl_kind
 from lit_vhead.reference import Reference
 from lit_vhead.rollout import Rollout
 
@@ -139,7 +139,7 @@ class PPOCore:
         mean_kl = float(stats["objective/kl"])
         if mean_kl < -1.0:
             warnings.warn(
-                f"The KL ({_kind_name(ppo.kl_penalty)} estimator) is negative: {mean_kl:.2f}. This can precede a "
+                f"The KL ({kl_kind(ppo.kl_penalty)} estimator) is negative: {mean_kl:.2f}. This can precede a "
                 "failed run; it often means the generation settings differ from the ones the log-probs assume "
                 "(e.g. top_k/top_p/min_new_tokens), or that the learning rate is too high.",
                 stacklevel=2,
@@ -181,7 +181,7 @@ class PPOCore:
         Returns the full log-prob distributions when ``kl_penalty=full`` needs them.
         """
         ppo, size, reference = self.config, self.config.mini_batch_size, engine.reference
-        full = _kind_name(ppo.kl_penalty) == "full"
+        full = kl_kind(ppo.kl_penalty) == "full"
         engine.policy.eval()  # dropout off in every PPO pass (as TRL classic's passes and PPOv2)
         parts: list[tuple] = []
         timings["time/ppo/reference_forward"] = 0.0
@@ -266,10 +266,6 @@ class PPOCore:
                 optimizer.zero_grad()
                 break
         return skipped
-
-
-def _kind_name(kind: Any) -> str:
-    return getattr(kind, "value", kind)
 
 
 def _cat_right_aligned(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

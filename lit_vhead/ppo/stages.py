@@ -32,7 +32,7 @@ from lit_vhead.ppo.kl import KLController
 from lit_vhead.rollout import Rollout, forward
 
 
-def _kind(value: Any) -> str:
+def kl_kind(value: Any) -> str:
     """The KL estimator's name, from the config's enum or a plain string set on the config later (TRL's tests do)."""
     return getattr(value, "value", value)
 
@@ -70,7 +70,7 @@ class PPOStages:
     # ------------------------------------------------------------------ rewards and advantages
     def _kl_penalty(self, logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
         """Per-token KL of the configured estimator (``kl_penalty="full"``: ``[B, T, V]`` log-prob inputs)."""
-        kind = _kind(self.config.kl_penalty)
+        kind = kl_kind(self.config.kl_penalty)
         if kind == "full":
             return kl_penalty(None, None, kind, logprob, ref_logprob)
         return kl_penalty(logprob, ref_logprob, kind)
