@@ -313,7 +313,10 @@ def run_ours(args, side: str) -> dict:
 
         peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     module = PPOModule(
-        {"kind": "causal", "config": {"model_type": "gpt2", **gpt2_config_kwargs(args)}},
+        # bos/eos: the id tokenizer's eos (GPT2Config's default 50256 lies outside the vocabulary, which PPOModule
+        # refuses); responses have a fixed length (min_new_tokens), so no EOS ends them either way
+        {"kind": "causal", "config": {"model_type": "gpt2", **gpt2_config_kwargs(args), "bos_token_id": 1,
+                                      "eos_token_id": 1}},
         build_id_tokenizer(args.vocab_size),
         FunctionReward(even_token_fraction),
         ppo={

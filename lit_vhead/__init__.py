@@ -18,6 +18,7 @@ _EXPORTS = {
     "gather_last": "lit_vhead.value_head",
     "mask_values": "lit_vhead.value_head",
     "set_seed": "lit_vhead.core",
+    "AtomicCheckpointIO": "lit_vhead.checkpoint_io",
     "PPOModule": "lit_vhead.module",
     "PPOTrainer": "lit_vhead.trainer",
     "PromptDataModule": "lit_vhead.data",

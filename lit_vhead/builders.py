@@ -44,7 +44,8 @@ def value_head_class(kind: str):
 def check_model_source(model_cfg: Mapping, key: str = "model.name_or_path") -> None:
     """Fail fast (before any model is built) when ``name_or_path`` cannot be found: not a local dir, not in the HF
     cache, and the hub offline (``HF_HUB_OFFLINE``) or out of reach (one quick request, instead of transformers'
-    retries). ``key`` names the setting in the error."""
+    retries), or when ``dtype`` is not a torch dtype. ``key`` names the setting in the error."""
+    model_dtype(model_cfg)
     source = model_cfg.get("name_or_path")
     if source is None:
         if not model_cfg.get("config"):
@@ -76,6 +77,20 @@ def check_model_source(model_cfg: Mapping, key: str = "model.name_or_path") -> N
         raise ModelNotFoundError(
             f"{key}={source!r} is not in the Hugging Face cache and the hub cannot be reached ({unreachable}): {fix}."
         )
+
+
+def model_dtype(model_cfg: Mapping) -> torch.dtype | None:
+    """The torch dtype named by ``model.dtype`` (``bfloat16``, ``torch.float16``...; None: the checkpoint's own)."""
+    name = model_cfg.get("dtype")
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(
+            f"model.dtype={name!r} is not a torch dtype: use float32, bfloat16 or float16 (null keeps the "
+            "checkpoint's own)."
+        )
+    return dtype
 
 
 def _hub_unreachable(repo_id: str, timeout: float = 10.0) -> str | None:
@@ -118,16 +133,34 @@ def check_tokenizer(tokenizer: Any) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+SPECIAL_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
 def check_vocabulary(tokenizer: PreTrainedTokenizerBase, policy: Any, config: Any) -> None:
-    """Every token id the tokenizer can produce (pad included) must have a row in the policy's embedding."""
+    """Every token id the tokenizer can produce (pad included), and every special token id of the model config
+    (bos/eos/pad/decoder start, which generation emits), must have a row in the policy's embedding."""
     embeddings = policy.hf_model.get_input_embeddings() if policy is not None else None
     rows = getattr(embeddings, "num_embeddings", None) or getattr(config.get_text_config(), "vocab_size", None)
-    if rows is not None and len(tokenizer) > rows:
+    if rows is None:
+        return
+    if len(tokenizer) > rows:
         raise ValueError(
             f"The tokenizer ({type(tokenizer).__name__}) has {len(tokenizer)} tokens but the policy's embedding has "
             f"{rows} rows: pass the policy's own tokenizer, or resize the model "
             f"(model.resize_token_embeddings(len(tokenizer))) after adding tokens."
         )
+    for name in SPECIAL_TOKEN_IDS:
+        value = getattr(config, name, None)
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        if any(i is not None and not 0 <= i < rows for i in ids):
+            own = getattr(tokenizer, name, None)
+            if own is None and name == "bos_token_id":  # GPT-2-style: the eos token starts texts too
+                own = tokenizer.eos_token_id
+            fix = "" if own is None else f" (the tokenizer's is {own}; with python train.py: model.config.{name}={own})"
+            raise ValueError(
+                f"The model config's {name}={value} is outside the policy's vocabulary of {rows} tokens (ids 0-"
+                f"{rows - 1}): set it to a token of the vocabulary{fix}."
+            )
 
 
 def build_tokenizer(model_cfg: Mapping) -> PreTrainedTokenizerBase:
@@ -146,10 +179,19 @@ def build_tokenizer(model_cfg: Mapping) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _peft_for(peft_config: Any, is_encoder_decoder: bool) -> Any:
-    """A PEFT config whose unset ``task_type`` follows the model (CAUSAL_LM or SEQ_2_SEQ_LM)."""
-    if peft_config is not None and getattr(peft_config, "task_type", "unset") is None:
+def _peft_for(peft_config: Any, model: Any) -> Any:
+    """A PEFT config whose unset settings follow the model (a transformers model or its meta-device skeleton):
+    ``task_type`` (CAUSAL_LM or SEQ_2_SEQ_LM), and ``fan_in_fan_out`` (true for GPT-2-style ``Conv1D`` layers,
+    whose weights are stored transposed; peft would otherwise warn and set it itself)."""
+    if peft_config is None:
+        return None
+    if getattr(peft_config, "task_type", "unset") is None:
+        is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         peft_config.task_type = "SEQ_2_SEQ_LM" if is_encoder_decoder else "CAUSAL_LM"
+    if getattr(peft_config, "fan_in_fan_out", "unset") is None:
+        from transformers.pytorch_utils import Conv1D
+
+        peft_config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in model.modules())
     return peft_config
 
 
@@ -177,7 +219,7 @@ def wrap_policy(
     is_encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     cls = VALUE_HEAD_CLASSES["seq2seq" if is_encoder_decoder else "causal"]
     extra = {"reward_adapter": reward_adapter} if reward_adapter else {}
-    peft_config = _peft_for(peft_config, is_encoder_decoder)
+    peft_config = _peft_for(peft_config, model)
     return cls.from_pretrained(model, peft_config=peft_config, **as_head_config(head).as_model_kwargs(), **extra)
 
 
@@ -196,9 +238,14 @@ def build_policy(
     kind = model_cfg.get("kind") or ("seq2seq" if is_encoder_decoder else "causal")
     cls = value_head_class(kind)
     head_kwargs = as_head_config(head).as_model_kwargs()
-    peft_config = _peft_for(peft_config, kind == "seq2seq")
-    dtype = model_cfg.get("dtype")
-    hf_kwargs = {"dtype": getattr(torch, dtype)} if dtype else {}
+    if peft_config is not None:
+        with torch.device("meta"):
+            skeleton = cls.transformers_parent_class.from_config(
+                config, trust_remote_code=bool(model_cfg.get("trust_remote_code", False))
+            )
+        peft_config = _peft_for(peft_config, skeleton)
+    dtype = model_dtype(model_cfg)
+    hf_kwargs = {"dtype": dtype} if dtype else {}
     extra = {"reward_adapter": reward_adapter} if reward_adapter else {}
     if model_cfg.get("name_or_path") is not None:
         hf_kwargs["trust_remote_code"] = bool(model_cfg.get("trust_remote_code", False))

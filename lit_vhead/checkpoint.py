@@ -1,4 +1,4 @@
-"""Reading value-head tensors from TRL/HF checkpoint files, and writing directories atomically.
+"""Reading value-head tensors from TRL/HF checkpoint files (writing them is ``lit_vhead.atomic``'s).
 
 TRL re-read the whole checkpoint to find two small tensors and could not read local shards (trl#1917). Here only the
 ``v_head.*`` tensors are read (lazily from safetensors, memory-mapped from pickles with ``weights_only=True``), from
@@ -7,13 +7,11 @@ single files or shards, locally or from the HF hub/cache.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
+import re
+import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -27,10 +25,7 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 # Where a PEFT save puts a base model that cannot be found again from what the adapters record.
 BASE_MODEL_DIR = "base_model"
-# Files a save writes; a re-save replaces them, and everything else in the directory (a tokenizer...) is kept.
-WEIGHT_FILE_PREFIXES = (
-    "model", "pytorch_model", "adapter_model", "adapter_config", "config.json", "generation_config", BASE_MODEL_DIR,
-)
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 class CheckpointError(ValueError):
@@ -49,8 +44,15 @@ def _read_safetensors(path: str, want: callable) -> dict[str, torch.Tensor]:
 
 def _read_pickle(path: str, want: callable) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # Zip pickles are memory-mapped; a legacy (pre-1.6, non-zip) pickle, which transformers loads too, cannot be.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # pickle, zip and EOF errors all mean the same thing to the user
+        unsafe = re.search(r"WeightsUnpickler error: ([^\n]*)", str(err))
+        if unsafe:  # torch's message is a page of advice on loading it unsafely: keep the line that says why
+            raise CheckpointError(
+                f"Cannot read the checkpoint file '{path}': it holds more than tensors ({unsafe[1].strip()}), and "
+                "pickles are only loaded with weights_only=True. Save it as safetensors from code you trust."
+            ) from err
         raise CheckpointError(
             f"Cannot read the checkpoint file '{path}': {err}. It is truncated, corrupt or holds more than tensors "
             "(only weights_only=True pickles are loaded); save or download it again."
@@ -63,6 +65,56 @@ def _read_pickle(path: str, want: callable) -> dict[str, torch.Tensor]:
 def read_tensors(path: str, want: callable = lambda key: True) -> dict[str, torch.Tensor]:
     """The tensors of one weights file whose keys satisfy ``want``."""
     return _read_safetensors(path, want) if path.endswith(".safetensors") else _read_pickle(path, want)
+
+
+def weight_files(directory: str | os.PathLike) -> list[str]:
+    """The weight files in ``directory`` that a load reads: ``model.safetensors``, ``pytorch_model.bin``, the
+    adapters, the shard indexes and the shards they list (plain file names of the index's kind only), in that order."""
+    directory = Path(directory)
+    names = [name for name in (SAFE_WEIGHTS, SAFE_INDEX, PICKLE_WEIGHTS, PICKLE_INDEX, *ADAPTER_WEIGHTS)
+             if (directory / name).is_file()]
+    for index, suffix in ((SAFE_INDEX, ".safetensors"), (PICKLE_INDEX, ".bin")):
+        if index in names:
+            try:
+                shards = set(json.loads((directory / index).read_text())["weight_map"].values())
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # a broken index: its shards are unknown (the loader names the index)
+            names += sorted(
+                s for s in shards
+                if isinstance(s, str) and os.path.basename(s) == s and s.endswith(suffix) and (directory / s).is_file()
+            )
+    return names
+
+
+def check_weight_files(directory: str | os.PathLike) -> None:
+    """Raise ``CheckpointError`` naming the first weights file of ``directory`` that is truncated or corrupt, before a
+    library reads it and raises its own error without the file name. Reads headers only: the safetensors header
+    (which must cover the whole file) and a zip pickle's central directory."""
+    for name in weight_files(directory):
+        path = os.path.join(directory, name)
+        if name.endswith(".safetensors"):
+            _read_safetensors(path, lambda key: False)
+        elif name.endswith(".bin"):
+            with open(path, "rb") as f:
+                is_zip = f.read(2) == b"PK"  # else a legacy pickle: torch.load names nothing wrong before reading
+            if is_zip and not zipfile.is_zipfile(path):
+                raise CheckpointError(
+                    f"Cannot read the checkpoint file '{path}': its zip directory is missing. It is truncated or "
+                    "corrupt; save or download it again."
+                )
+
+
+def _find_non_finite(directories: list[str | os.PathLike]) -> tuple[str, str] | None:
+    """``(file, tensor name)`` of the first tensor holding NaN or inf in the weight files of ``directories``."""
+    for directory in directories:
+        for name in weight_files(directory):
+            if name.endswith(".json"):
+                continue
+            path = os.path.join(directory, name)
+            for key, tensor in read_tensors(path).items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    return path, key
+    return None
 
 
 def _fetch(name_or_path: str, filename: str, hub_kwargs: dict) -> str | None:
@@ -130,51 +182,22 @@ def load_value_head_state(name_or_path: str, hub_kwargs: dict | None = None) -> 
     return None
 
 
-def _is_weight_file(name: str) -> bool:
-    return name.startswith(WEIGHT_FILE_PREFIXES)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _follow_umask(root: Path) -> None:
-    """Give ``root`` and everything under it the modes of ordinary new files (0755 dirs, 0644 files under umask 022):
-    ``mkdtemp``/``mkstemp`` (ours, and those libraries use for atomic writes) create them private (0700/0600)."""
-    umask = _current_umask()
-    os.chmod(root, 0o777 & ~umask)
-    for path in root.rglob("*"):
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary sibling directory to write into; on success it replaces ``target``.
-
-    Files already in ``target`` that the new save does not write (a tokenizer, notes) are kept; old weight files are
-    dropped so no stale shard survives. If the body raises, ``target`` is left exactly as it was. What the body
-    writes follows the umask, like any other file the user writes.
-    """
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield str(tmp)
-        _follow_umask(tmp)
-        if target.is_dir():
-            for old in target.iterdir():
-                if not _is_weight_file(old.name) and not (tmp / old.name).exists():
-                    (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
-            backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, backup)
-            os.replace(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
+def check_finite(named_parameters: Iterable[tuple[str, torch.Tensor]], path: str, base: str | None = None) -> None:
+    """Raise ``CheckpointError`` if a weight loaded from ``path`` (adapters: or their ``base``) holds NaN or inf,
+    naming the file and tensor that hold it: a file with overwritten bytes loads without any error otherwise. One pass
+    over the weights; the files are read again only when something is wrong."""
+    for name, param in named_parameters:
+        if param.device.type == "meta" or bool(torch.isfinite(param).all()):
+            continue
+        directories = [d for d in (path, os.path.join(path, BASE_MODEL_DIR), base) if d and os.path.isdir(d)]
+        found = _find_non_finite(directories)
+        if found is None:
+            why = "no weights file there does, so" if directories else "the downloaded file is corrupt, or"
+            raise CheckpointError(
+                f"The weight '{name}' loaded from '{path}' holds NaN or inf: {why} its values do not fit the dtype it "
+                f"was loaded in ({param.dtype}); load it in float32 or bfloat16, or download it again."
+            )
+        raise CheckpointError(
+            f"The checkpoint file '{found[0]}' holds NaN or inf in tensor '{found[1]}': it is corrupt (overwritten "
+            "bytes) or was saved from a diverged run; save or download it again."
+        )

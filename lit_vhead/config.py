@@ -5,10 +5,9 @@ It takes TRL 0.11.4's ``PPOConfig`` field names and defaults, so a classic scrip
 - fields with no meaning here (``optimize_cuda_cache``, ``compare_steps``, ...) are accepted and warn once;
 - an unknown field raises ``TypeError`` naming it and the closest known name.
 
-The same dataclass is Hydra's schema for the ``ppo`` config group (and ``HeadConfig`` for ``head``), registered in
-the ConfigStore by :func:`register_configs` (called by the CLI entry point, not on import: importing lit_vhead loads
-no Hydra), so ``ppo.learning_rate=abc`` or ``head.init=bogus`` fail at the command line and unknown keys are
-rejected.
+Its fields, less TRL's PPOTrainer-only and run-time ones, are Hydra's schema for the ``ppo`` config group (and
+``HeadConfig`` for ``head``; see ``lit_vhead.cli``), so ``ppo.learning_rate=abc`` or ``head.init=bogus`` fail at the
+command line and unknown keys are rejected.
 """
 
 from __future__ import annotations
@@ -94,7 +93,10 @@ class PPOConfig:
     update's training forward) and ``optimizer_in_backward`` (each parameter stepped as soon as its gradient is
     complete, the gradient dropped: bitwise the same weights, one model-size of gradients less at peak; it applies
     where that is exact: one process, no GradScaler, ``max_grad_norm=None``, ``gradient_accumulation_steps=1``, a
-    per-parameter ``torch.optim`` optimizer; elsewhere the usual step runs).
+    per-parameter ``torch.optim`` optimizer; elsewhere the usual step runs). ``undo_failed_update`` (on): a PPO step
+    whose loss turns NaN/inf after some of its optimizer steps is undone (the trainable weights and the optimizer state
+    are copied before its first optimizer step: e.g. 3x the weights in fp32 for a full fine-tune with Adam, little
+    for LoRA); off skips that copy, and the error then says how many optimizer steps the model and optimizer kept.
     """
 
     exp_name: str = os.path.basename(sys.argv[0])[: -len(".py")]
@@ -153,6 +155,7 @@ class PPOConfig:
     cpu_kernels: str = "auto"
     compile: bool = False
     optimizer_in_backward: bool = False
+    undo_failed_update: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.generation, dict):
@@ -278,14 +281,3 @@ def as_head_config(value: Any) -> HeadConfig:
     if isinstance(value, dict):
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(HeadConfig), value))
     raise TypeError(f"head must be a HeadConfig, a dict or None, got {type(value).__name__}.")
-
-
-def register_configs() -> None:
-    """Make the schemas available to ``configs/`` (``defaults: [/ppo_schema@_here_]``). They are stored outside any
-    config group, so ``--help`` does not offer them as options of the ``head`` and ``ppo`` groups. Call it before
-    composing ``configs/`` (``train.py`` does)."""
-    from hydra.core.config_store import ConfigStore
-
-    cs = ConfigStore.instance()
-    cs.store(name="head_schema", node=HeadConfig)
-    cs.store(name="ppo_schema", node=PPOConfig)

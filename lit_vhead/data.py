@@ -42,11 +42,18 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def load_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a ``.txt`` (one per line) or ``.jsonl`` (``{"prompt": ...}`` per line) file."""
+    """Prompts from a UTF-8 ``.txt`` (one per line) or ``.jsonl`` (``{"prompt": ...}`` per line) file."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"prompts file {str(path)!r}: no such file (expected .txt or .jsonl prompts).")
-    lines = [line for line in file.read_text().splitlines() if line.strip()]
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # UTF-8, with or without a byte-order mark
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ValueError(f"prompts file {str(path)!r}, line {line}: byte 0x{data[err.start]:02x} is not UTF-8; save "
+                         "the file as UTF-8.") from None
+    lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"prompts file {str(path)!r} holds no prompts (it is empty or blank); one prompt per line.")
     if file.suffix == ".jsonl":

@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -25,15 +26,18 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 
+from lit_vhead.atomic import atomic_directory
 from lit_vhead.checkpoint import (
     ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
     BASE_MODEL_DIR,
     PICKLE_WEIGHTS,
     SAFE_WEIGHTS,
     V_HEAD_PREFIX,
     CheckpointError,
     _fetch,
-    atomic_directory,
+    check_finite,
+    check_weight_files,
     is_findable_offline,
     load_value_head_state,
     read_tensors,
@@ -213,9 +217,11 @@ class PreTrainedModelWrapper(nn.Module):
         v_head_state = None
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             path = os.fspath(pretrained_model_name_or_path)
-            # Read the v_head first: a truncated or corrupt weights file then raises a CheckpointError naming the
-            # file, not whatever transformers/safetensors raise for it (and costs no base load).
+            # Read the v_head and the other files' headers first: a truncated or corrupt weights file then raises a
+            # CheckpointError naming the file, not whatever transformers/safetensors/peft raise for it.
             v_head_state = load_value_head_state(path, hub_kwargs)
+            if os.path.isdir(path):
+                check_weight_files(path)
             adapter_config = _fetch(path, ADAPTER_CONFIG, hub_kwargs) if _peft() is not None else None
             if adapter_config is not None:
                 if peft_config is not None:
@@ -267,6 +273,9 @@ class PreTrainedModelWrapper(nn.Module):
         )
         if v_head_state is not None:
             model.post_init(v_head_state)
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            check_finite(model.named_parameters(), os.fspath(pretrained_model_name_or_path),
+                         _base_name(model.pretrained_model))
         return model
 
     @classmethod
@@ -276,6 +285,8 @@ class PreTrainedModelWrapper(nn.Module):
         base_config = _fetch(path, f"{BASE_MODEL_DIR}/config.json", hub_kwargs)
         if base_config is not None:
             base_dir = os.path.dirname(base_config)
+            if os.path.isdir(path):
+                check_weight_files(base_dir)
             if not os.path.isdir(path):  # a hub repo: fetch the whole base_model/ folder
                 from huggingface_hub import snapshot_download
 
@@ -292,6 +303,8 @@ class PreTrainedModelWrapper(nn.Module):
                 f"{cls.__name__}.from_pretrained(PeftModel.from_pretrained(base, '{path}')), or re-save with lit_vhead "
                 "(which saves such a base with the adapters)."
             )
+        if os.path.isdir(base_path):
+            check_weight_files(base_path)
         return cls.transformers_parent_class.from_pretrained(base_path, *model_args, **hf_kwargs)
 
     @staticmethod
@@ -329,7 +342,7 @@ class PreTrainedModelWrapper(nn.Module):
                 f"that base (CLI: model.name_or_path=<its dir>)."
             ) from None
         weights = None
-        for filename in ("adapter_model.safetensors", "adapter_model.bin"):
+        for filename in ADAPTER_WEIGHTS:
             weights = _fetch(adapter_model_id, filename, hub_kwargs)
             if weights is not None:
                 break
@@ -396,18 +409,24 @@ class PreTrainedModelWrapper(nn.Module):
         PEFT models: the adapter files plus ``model.safetensors`` holding only the ``v_head.*`` tensors (TRL wrote a
         pickle; ``safe_serialization=False`` still writes ``pytorch_model.bin``). When the base cannot be found again
         offline from what the adapters record (built from a config, or a hub id not in the cache), the base is saved
-        too, in ``base_model/``, and ``base_model_name_or_path`` points there. The directory need not exist; if it
-        does, files other than the weights (a tokenizer) are kept, and a failed save leaves it untouched. Files follow
-        the umask. Under FSDP2 or DDP call it on every rank with ``is_main_process=<rank 0>``: sharded weights are
-        gathered on every rank and written once.
+        too, in ``base_model/``, and ``base_model_name_or_path`` points there. The directory need not exist (a symlink
+        to one stays a symlink); if it does, only the files this save writes and the weight files of a previous save
+        (its shards, adapters, ``base_model/``) are replaced or removed: everything else (a tokenizer, notes, your
+        own files and symlinks) stays untouched, and a failed or killed save leaves the directory as it was (see
+        ``lit_vhead.atomic``). Files follow the umask. Under FSDP2 or DDP call it on every rank with
+        ``is_main_process=<rank 0>``: sharded weights are gathered on every rank and written once.
         """
         state_dict = _full_tensors(kwargs.pop("state_dict", None) or self.state_dict())
         if not kwargs.pop("is_main_process", True):  # FSDP/DDP: every rank gathers, one writes
             return
         safe = kwargs.get("safe_serialization", True)
         model_bytes = sum(p.numel() * p.element_size() for p in self.hf_model.parameters())
+        self._check_not_into_own_base(save_directory)
         with atomic_directory(save_directory) as tmp, _progress_bars(model_bytes > _PROGRESS_BAR_MIN_BYTES):
             if self.is_peft_model:
+                card = Path(save_directory, "README.md")
+                if card.is_file():  # peft updates the model card it finds, as when it saves in place
+                    shutil.copy2(card, tmp)
                 heads = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k.startswith(V_HEAD_PREFIX)}
                 if safe:
                     from safetensors.torch import save_file
@@ -420,6 +439,17 @@ class PreTrainedModelWrapper(nn.Module):
                 self._record_peft_base(tmp, os.path.abspath(save_directory), safe)
             else:
                 self.pretrained_model.save_pretrained(tmp, *args, state_dict=state_dict, **kwargs)
+
+    def _check_not_into_own_base(self, save_directory: str | os.PathLike) -> None:
+        """Adapters saved into the directory of the base they load from would replace its weights with the value
+        head's: refuse before writing anything."""
+        base = _base_name(self.pretrained_model) if self.is_peft_model else None
+        if base is not None and os.path.isdir(base) and _same_source(os.path.realpath(base),
+                                                                      os.path.realpath(save_directory)):
+            raise ValueError(
+                f"save_pretrained('{save_directory}') would write the adapters and value head over the weights of "
+                "their own base model, which is loaded from that directory: save into another directory."
+            )
 
     def _record_peft_base(self, tmp: str, final_directory: str, safe: bool) -> None:
         """Make the adapters' ``base_model_name_or_path`` findable offline: an absolute path for a local base, or the

@@ -50,6 +50,29 @@ def check_scores(scores: object, batch_size: int, source: str) -> torch.Tensor:
     return scores
 
 
+def check_reward_targets(node: Any, key: str = "reward") -> None:
+    """Every ``_target_`` under the ``reward`` config imports, or one ``RewardError`` line naming the target, the
+    import error and where the module must be (Hydra would say only "Error locating target")."""
+    from omegaconf import DictConfig
+
+    if not isinstance(node, DictConfig):
+        return
+    target = node.get("_target_")
+    if isinstance(target, str):
+        from hydra.utils import get_object
+
+        try:
+            get_object(target)
+        except Exception as err:
+            cause = err.__cause__ or err
+            raise RewardError(
+                f"{key}._target_={target!r} cannot be imported ({type(cause).__name__}: {cause}). Its module must be "
+                "importable: a .py file in the directory you run python train.py from, or a package on PYTHONPATH."
+            ) from None
+    for name, child in node.items_ex(resolve=False):
+        check_reward_targets(child, f"{key}.{name}")
+
+
 class RewardSource:
     """Base class: ``setup`` once the policy is on its device, then call on each rollout batch."""
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -24,17 +23,24 @@ from omegaconf import DictConfig, OmegaConf
 from lit_vhead.builders import build_tokenizer, check_model_source, model_config_of, value_head_class
 from lit_vhead.callbacks import SavePretrained
 from lit_vhead.checkpoint import CheckpointError
+from lit_vhead.cli import check_group_keys
 from lit_vhead.config import as_ppo_config
-from lit_vhead.loggers import CSVLogger
+from lit_vhead.loggers import CSVLogger, WandbLogger
 from lit_vhead.module import PPOModule
 from lit_vhead.reference import ReferenceConfig, shared_parameter_names
-from lit_vhead.rewards import RewardAdapter
+from lit_vhead.resume import RUN_CONFIG_KEY, SaveRunConfig, command_overrides, plain, resumed_config, write_run_config
+from lit_vhead.rewards import RewardAdapter, check_reward_targets
+from lit_vhead.rundir import (
+    RunDirBusyError,
+    check_fresh_start,
+    check_writable_dir,
+    own_run_dir,
+    remove_if_empty,
+)
 from lit_vhead.summary import RunSummary
 from lit_vhead.sweep import fix_ddp_children_in_multirun
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
-
-
 
 
 def _instantiate(node: Any, **kwargs: Any) -> Any:
@@ -64,16 +70,20 @@ def _check_reference(model_cfg: dict, config, ref: ReferenceConfig) -> None:
 
 
 def _resolve_ckpt_path(cfg: DictConfig, output_dir: Path) -> str | None:
+    """The checkpoint to resume from; None for a run from scratch, which must not start over an earlier run."""
     ckpt = cfg.get("ckpt_path")
+    if ckpt is None:
+        check_fresh_start(output_dir)
+        return None
     if ckpt == "last":
         ckpt = str(output_dir / "checkpoints" / "last.ckpt")
-    if ckpt is not None and not Path(ckpt).is_file():
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(
+                f"ckpt_path=last: no checkpoint {ckpt}; give the dir of the run to resume with "
+                "hydra.run.dir=<run dir>, or a checkpoint file with ckpt_path=<file>."
+            )
+    if not Path(ckpt).is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt!r}: no such checkpoint file.")
-    if ckpt is None and any((output_dir / "checkpoints").glob("*.ckpt")):
-        raise FileExistsError(
-            f"{output_dir / 'checkpoints'} already holds checkpoints: resume with ckpt_path=last, or pick a new "
-            "hydra.run.dir. Nothing was overwritten."
-        )
     return ckpt
 
 
@@ -101,28 +111,12 @@ def _check_precision(trainer_cfg: DictConfig) -> None:
         )
 
 
-def _remove_if_empty(run_dir: Path) -> None:
-    """A run that failed before writing anything leaves no run dir (Hydra made it, its .hydra/ and its parents under
-    the working directory, e.g. outputs/ppo/runs/, at start)."""
-    run_dir = run_dir.absolute()
-    if not run_dir.is_dir() or any(p.name not in (".hydra", "train.log") for p in run_dir.iterdir()):
-        return
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cwd = Path.cwd().absolute()
-    for parent in run_dir.parents:
-        if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
-            break
-        parent.rmdir()
-
-
-def _finish_wandb(loggers: list) -> None:
-    """End the wandb run now, in wandb's quiet mode, rather than at exit (where wandb prints its banner anyway), so
-    the summary line is the run's last word and the next job of a sweep starts its own run."""
-    from lightning.pytorch.loggers import WandbLogger
-
+def _finish_wandb(loggers: list, failed: bool) -> None:
+    """End the wandb run now, in wandb's quiet mode, rather than at exit (where wandb prints its banner with raw
+    ANSI codes), so the summary or error line is the run's last word and the next job of a sweep starts its own."""
     for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
+        if isinstance(logger, WandbLogger):
+            logger.finish(failed)
 
 
 def _end_distributed(environ: dict[str, str]) -> None:
@@ -136,9 +130,43 @@ def _end_distributed(environ: dict[str, str]) -> None:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Run PPO as configured; returns the final metrics (``env/reward_mean``, ``objective/kl``, ...)."""
+    """Run PPO as configured; returns the final metrics (``env/reward_mean``, ``objective/kl``, ...). The run holds
+    its dir (``rundir.own_run_dir``) from start to end."""
     output_dir = Path(cfg.paths.output_dir)
+    with own_run_dir(output_dir):
+        return _train(cfg, output_dir)
+
+
+def _resume(cfg: DictConfig, ckpt_path: str, output_dir: Path) -> tuple[DictConfig, list[str], int]:
+    """The config of a resume (the run's own, from its checkpoint, with this command's overrides on top), all the
+    overrides behind it, and the PPO step it resumes at."""
+    checkpoint = _read_checkpoint(ckpt_path)
+    saved, resume_step = checkpoint.get(RUN_CONFIG_KEY), int(checkpoint["epoch"]) + 1
+    del checkpoint  # memory-mapped: Lightning reads it again in fit
+    if saved is None:  # not written by python train.py: the command line's config is all there is
+        return cfg, command_overrides(cfg), resume_step
+    cfg, overrides = resumed_config(cfg, saved, f"ckpt_path={cfg.ckpt_path}")
+    return cfg, overrides, resume_step
+
+
+def _finished_metrics(output_dir: Path) -> dict[str, float]:
+    """The final metrics a finished run wrote (read only), {} when it wrote none."""
+    try:
+        return json.loads((output_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     ckpt_path = _resolve_ckpt_path(cfg, output_dir)
+    overrides, resume_step = command_overrides(cfg), None
+    if ckpt_path is not None:
+        cfg, overrides, resume_step = _resume(cfg, ckpt_path, output_dir)
+        if resume_step >= cfg.ppo.steps:
+            print(f"Nothing to do: {ckpt_path} ends at PPO step {resume_step} of ppo.steps={cfg.ppo.steps} (raise "
+                  f"ppo.steps to train on); {output_dir} is unchanged.", flush=True)
+            return _finished_metrics(output_dir)
+    check_group_keys(cfg)
     ppo = as_ppo_config(cfg.ppo)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     check_model_source(model_cfg)
@@ -150,6 +178,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
     _check_reference(model_cfg, model_config_of(model_cfg), ref)
     _check_precision(cfg.trainer)
+    if cfg.get("save_pretrained_dir"):
+        check_writable_dir(cfg.save_pretrained_dir, "save_pretrained_dir")
+    check_reward_targets(cfg.reward)
     reward = _instantiate(cfg.reward)
     if isinstance(reward, RewardAdapter) and not cfg.peft:
         raise ValueError(
@@ -176,30 +207,32 @@ def train(cfg: DictConfig) -> dict[str, float]:
     fix_ddp_children_in_multirun()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loggers = _instantiate_dict(cfg.get("logger"))
-    if ckpt_path is not None:
-        resume_step = _read_checkpoint(ckpt_path)["epoch"] + 1
+    if resume_step is not None:
         for logger in loggers:
             if isinstance(logger, CSVLogger):
                 logger.keep_before_step = resume_step
     summary = RunSummary()
-    callbacks = _instantiate_dict(cfg.get("callbacks")) + [summary]
+    callbacks = _instantiate_dict(cfg.get("callbacks")) + [summary, SaveRunConfig(plain(cfg), overrides)]
     if cfg.get("save_pretrained_dir"):
         callbacks.append(SavePretrained(cfg.save_pretrained_dir))
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    for logger in loggers:
+    for logger in loggers:  # written with the first PPO step's metrics (lit_vhead.loggers)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    if resume_step is not None and trainer.is_global_zero:
+        write_run_config(output_dir, cfg, overrides)
 
-    environ = dict(os.environ)
+    environ, failed = dict(os.environ), True
     try:
         with warnings.catch_warnings():
             if ckpt_path is not None:  # resuming into the run's own checkpoints/ is the point, not a mistake
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        failed = False
     finally:
         _end_distributed(environ)
+        _finish_wandb(loggers, failed)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    _finish_wandb(loggers)
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
         if cfg.get("save_pretrained_dir"):
@@ -237,12 +270,15 @@ def _print_library_log() -> None:
 
 def main(cfg: DictConfig) -> float | None:
     """The CLI: run ``train``; a user error prints one line (``LIT_VHEAD_TRACEBACK=1`` shows the traceback) and
-    leaves no empty run dir behind."""
+    leaves no empty run dir behind (nor touches one that another run holds). A resume with nothing to do returns
+    the finished run's metric (None if it has none) and exits 0."""
     _print_library_log()
     try:
-        return metric_value(train(cfg), cfg.get("optimized_metric"))
+        metrics = train(cfg)
+        return metric_value(metrics, cfg.get("optimized_metric")) if metrics else None
     except USER_ERRORS as err:
-        _remove_if_empty(Path(cfg.paths.output_dir))
+        if not isinstance(err, RunDirBusyError):
+            remove_if_empty(cfg.paths.output_dir)
         if os.environ.get("LIT_VHEAD_TRACEBACK"):
             raise
         print(f"Error: {err}", flush=True)

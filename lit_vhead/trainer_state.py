@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from lit_vhead.accelerator import gather_objects
-from lit_vhead.checkpoint import CheckpointError, atomic_directory, read_tensors
+from lit_vhead.atomic import atomic_directory
+from lit_vhead.checkpoint import CheckpointError, read_tensors
 
 STATE_WEIGHTS = "policy.safetensors"
 STATE_FILE = "trainer_state.pt"

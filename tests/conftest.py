@@ -65,6 +65,9 @@ def tiny_hf_model(arch: str, seed: int = 0):
     """A freshly initialised tiny transformers model of ``arch`` in eval mode (CausalLM or Seq2SeqLM)."""
     torch.manual_seed(seed)
     config = transformers.AutoConfig.for_model(**TINY_CONFIGS[arch])
+    for name in ("bos_token_id", "eos_token_id"):  # GPT-2's and GPT-Neo's default, 50256, is outside VOCAB
+        if isinstance(getattr(config, name, None), int) and getattr(config, name) >= VOCAB:
+            setattr(config, name, 1)  # ByT5's eos
     auto = transformers.AutoModelForSeq2SeqLM if arch in SEQ2SEQ else transformers.AutoModelForCausalLM
     return auto.from_config(config).eval()
 
@@ -106,9 +109,10 @@ def compose(overrides: list[str], output_dir) -> "DictConfig":  # noqa: F821
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    from lit_vhead.config import register_configs
+    from lit_vhead.cli import register_configs
 
     register_configs()
+
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = hydra_compose("train", overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):

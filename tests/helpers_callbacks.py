@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 
 import lightning as L
 
@@ -24,3 +25,18 @@ class RankReport(L.Callback):
                   "reference_wrapped": any(n.startswith("reference") for n, _ in trainer.model.named_modules())}
         with open(os.path.join(self.output_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(report, f)
+
+
+class FillDisk(L.Callback):
+    """As PPO step ``at_epoch`` starts, fill ``directory``'s filesystem until half a checkpoint fits: that step's
+    checkpoint save runs out of space midway."""
+
+    def __init__(self, directory: str, at_epoch: int) -> None:
+        self.directory, self.at_epoch = directory, at_epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.at_epoch:
+            checkpoint = os.path.getsize(os.path.join(self.directory, "last.ckpt"))
+            room = shutil.disk_usage(self.directory).free - checkpoint // 2
+            with open(os.path.join(self.directory, "filler"), "wb") as f:
+                f.write(b"\0" * room)

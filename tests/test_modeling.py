@@ -256,6 +256,66 @@ def test_garbage_pickle_raises_checkpoint_error(saved_gpt2, tmp_path):
         CLM.from_pretrained(tmp_path / "ckpt")
 
 
+class NotATensor:
+    pass
+
+
+def test_legacy_non_zip_pickle_checkpoint_loads_and_is_still_read_weights_only(saved_gpt2, tmp_path):
+    """torch.save(..., _use_new_zipfile_serialization=False) files (PyTorch < 1.6, still loaded by transformers)."""
+    shutil.copytree(saved_gpt2.path, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    state = {k: v.contiguous() for k, v in saved_gpt2.model.state_dict().items()}
+    torch.save(state, tmp_path / "ckpt" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with torch.no_grad():
+        assert_outputs_equal(CLM.from_pretrained(tmp_path / "ckpt").eval()(**make_inputs("gpt2")), saved_gpt2.out)
+    torch.save({**state, "v_head.extra": NotATensor()}, tmp_path / "ckpt" / "pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin.*weights_only=True"):
+        CLM.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def saved_peft(tmp_path_factory):
+    """A PEFT policy on a base built from a config: adapters, value head and base_model/ saved together."""
+    model = CLM.from_pretrained(tiny_hf_model("gpt2"), peft_config=gpt2_lora()).eval()
+    perturb_lora_b(model, seed=5)
+    path = tmp_path_factory.mktemp("saved_peft") / "policy"
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "base_model/model.safetensors"])
+def test_truncated_peft_file_raises_checkpoint_error_naming_it(saved_peft, tmp_path, name):
+    shutil.copytree(saved_peft, tmp_path / "policy")
+    weights = tmp_path / "policy" / name
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=f"{weights}.*truncated"):
+        CLM.from_pretrained(tmp_path / "policy")
+
+
+def overwrite_with_nan(file: Path, tensor: str) -> None:
+    """Overwrite the first 8 bytes of ``tensor``'s data in a safetensors file (0xff bytes: float32 NaN): same size,
+    valid header, corrupt values."""
+    data = bytearray(file.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start = 8 + header_len + json.loads(data[8 : 8 + header_len])[tensor]["data_offsets"][0]
+    data[start : start + 8] = b"\xff" * 8
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case", ["full", "adapter", "base_model"])
+def test_weights_with_overwritten_bytes_name_the_file_and_tensor(saved_gpt2, saved_peft, tmp_path, case):
+    source, name = (saved_gpt2.path, "model.safetensors") if case == "full" else (saved_peft, {
+        "adapter": "adapter_model.safetensors", "base_model": "base_model/model.safetensors"}[case])
+    shutil.copytree(source, tmp_path / "ckpt")
+    file = tmp_path / "ckpt" / name
+    with safe_open(file, "pt") as f:
+        tensor = next(k for k in f.keys() if "attn.c_attn" in k and "bias" not in k)
+    overwrite_with_nan(file, tensor)
+    with pytest.raises(CheckpointError, match=f"'{file}' holds NaN or inf in tensor '{tensor}'"):
+        load_quiet(CLM, tmp_path / "ckpt")
+
+
 def test_value_head_of_another_architecture_is_rejected(saved_gpt2, tiny_dirs, tmp_path):
     """A gpt2 checkpoint (hidden 32) whose v_head was taken from an OPT model (word_embed_proj_dim 16)."""
     opt_head = load_quiet(CLM, tiny_dirs["opt"]).v_head.state_dict()
@@ -301,6 +361,135 @@ def test_failed_save_leaves_previous_checkpoint_untouched(saved_gpt2, tmp_path, 
     reloaded = CLM.from_pretrained(target).eval()
     with torch.no_grad():
         assert_outputs_equal(reloaded(**make_inputs("gpt2")), saved_gpt2.out)
+
+
+# The names a save once deleted because they start like its own files, and files of its own kinds that it never wrote.
+USER_FILES = {
+    "notes.txt": b"notes", "model_card.md": b"# card", "modeling_custom.py": b"X = 1\n", "config.json.bak": b"{}",
+    "model_eval_results.json": b"{}", "generation_config_notes.txt": b"t", "base_model_readme.txt": b"r",
+    "models/v1/model.safetensors": b"v1", "model-backup.safetensors": b"mine", "base_model_v0/config.json": b"{}",
+}
+
+
+def put_user_files(directory: Path) -> dict:
+    for name, data in USER_FILES.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(data)
+    return user_files(directory)
+
+
+def user_files(directory: Path) -> dict:
+    """Each user file's inode and bytes: equal means left in place, neither rewritten nor copied."""
+    return {name: ((directory / name).stat().st_ino, (directory / name).read_bytes()) for name in USER_FILES}
+
+
+def test_saves_replace_only_their_own_files_and_a_previous_saves_weights(tmp_path):
+    target = tmp_path / "policy"
+    target.mkdir()
+    before = put_user_files(target)
+    (target / "README.md").write_text("My notes on this policy.\n")
+    full = CLM.from_pretrained(tiny_hf_model("gpt2")).eval()
+    peft = CLM.from_pretrained(tiny_hf_model("gpt2", seed=1), peft_config=gpt2_lora()).eval()
+    perturb_lora_b(peft, seed=2)
+    weights = {"model.safetensors", "config.json", "generation_config.json"}
+    for model, kwargs, expected in [
+        (full, {}, weights),
+        (full, {"max_shard_size": "20KB"}, "sharded"),
+        (peft, {}, {"adapter_config.json", "adapter_model.safetensors", "model.safetensors", "base_model"}),
+        (full, {}, weights),
+    ]:
+        model.save_pretrained(target, **kwargs)
+        assert user_files(target) == before
+        names = {p.name for p in target.iterdir()} - {n.split("/")[0] for n in USER_FILES} - {"README.md"}
+        if expected == "sharded":
+            index = json.loads((target / "model.safetensors.index.json").read_text())
+            assert names == {"model.safetensors.index.json", "config.json", "generation_config.json",
+                             *index["weight_map"].values()}  # the single file of the save before is gone
+        else:  # a previous save's shards, adapters and base_model/ are gone; its config.json stays (not weights)
+            assert names == expected | ({"config.json", "generation_config.json"} if model is peft else set())
+        reloaded = load_quiet(CLM, target).eval()
+        with torch.no_grad():
+            assert_outputs_equal(reloaded(**make_inputs("gpt2")), model(**make_inputs("gpt2")))
+    assert (target / "README.md").read_text().count("My notes on this policy.") == 1  # peft updated the card
+
+
+def test_a_shard_index_cannot_make_a_save_delete_other_files(tmp_path):
+    target = tmp_path / "policy"
+    model = CLM.from_pretrained(tiny_hf_model("gpt2")).eval()
+    model.save_pretrained(target, max_shard_size="20KB")
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    (target / "notes.txt").write_bytes(b"notes")
+    index_file = target / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"].update({"a": "notes.txt", "b": "../outside.safetensors"})
+    index_file.write_text(json.dumps(index))
+    model.save_pretrained(target)
+    assert (target / "notes.txt").read_bytes() == b"notes" and (tmp_path / "outside.safetensors").exists()
+    assert not list(target.glob("model-0*"))
+
+
+def test_save_through_a_symlink_keeps_it_and_never_copies_symlinks_inside(tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    model = CLM.from_pretrained(tiny_hf_model("gpt2")).eval()
+    model.save_pretrained(real, max_shard_size="20KB")
+    link.symlink_to(real, target_is_directory=True)
+    big, data = tmp_path / "big.bin", tmp_path / "data"
+    big.write_bytes(os.urandom(2**20))
+    data.mkdir()
+    (data / "x.txt").write_text("x")
+    (real / "big_link.bin").symlink_to(big)
+    (real / "data_link").symlink_to(data, target_is_directory=True)
+
+    other = CLM.from_pretrained(tiny_hf_model("gpt2", seed=1)).eval()
+    other.save_pretrained(link)
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin", "data", "link", "real"]  # nothing left beside
+    assert not list(real.glob("model-0*")) and (real / "model.safetensors").is_file()  # no stale shard in real/
+    assert os.readlink(real / "big_link.bin") == str(big) and os.readlink(real / "data_link") == str(data)
+    assert sum(p.lstat().st_size for p in real.iterdir()) < 2**20  # the 1 MiB behind the link was not copied in
+    with torch.no_grad():
+        assert_outputs_equal(CLM.from_pretrained(link).eval()(**make_inputs("gpt2")), other(**make_inputs("gpt2")))
+
+
+KILLED_SAVE = """
+import sys, time
+from pathlib import Path
+from lit_vhead.atomic import atomic_directory
+with atomic_directory(sys.argv[1]) as tmp:
+    Path(tmp, "model.safetensors").write_bytes(b"half a model")
+    print("writing", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_save_leaves_the_directory_as_it_was_and_the_next_save_cleans_up(saved_gpt2, tmp_path):
+    target = tmp_path / "ckpt"
+    shutil.copytree(saved_gpt2.path, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(target)], stdout=subprocess.PIPE, env=env)
+    try:
+        assert proc.stdout.readline() == b"writing\n"
+    finally:
+        proc.kill()
+        proc.wait()
+    left = [p.name for p in target.iterdir() if p.name not in before]
+    assert len(left) == 1 and left[0].startswith(".save.lit-tmp.")  # the killed save's own temporary dir, nothing else
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.name in before} == before
+    with torch.no_grad():
+        assert_outputs_equal(CLM.from_pretrained(target).eval()(**make_inputs("gpt2")), saved_gpt2.out)
+    saved_gpt2.model.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == sorted(before)
+
+
+def test_adapters_are_not_saved_over_their_own_base(tiny_dirs, tmp_path):
+    base_dir = tmp_path / "base"
+    shutil.copytree(tiny_dirs["gpt2"], base_dir)
+    before = (base_dir / "model.safetensors").read_bytes()
+    model = load_quiet(CLM, base_dir, peft_config=gpt2_lora())
+    with pytest.raises(ValueError, match="over the weights of their own base model"):
+        model.save_pretrained(base_dir)
+    assert (base_dir / "model.safetensors").read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------------------------- TRL compatibility

@@ -29,6 +29,14 @@ def test_notebook_is_committed_executed(name):
     assert "assert" in code[-1].source or "assert" in code[-2].source  # ends with its checks
 
 
+def test_quickstart_hydra_says_why_its_kl_can_be_negative():
+    """Its KL curve (TRL's k1 estimator) can dip below zero: the notebook says why, and draws k3 next to it."""
+    nb = read("quickstart_hydra.ipynb")
+    text = "".join(cell.source for cell in nb.cells if cell.cell_type == "markdown")
+    assert "Why the KL can be negative" in text and "objective/kl_k3" in text
+    assert any("kl_k3" in cell.source and "ax2.plot" in cell.source for cell in nb.cells if cell.cell_type == "code")
+
+
 def test_the_quickstarts_are_collected():
     assert {"quickstart.ipynb", "quickstart_hydra.ipynb"} <= set(NOTEBOOKS)
 

@@ -169,3 +169,77 @@ def test_every_minibatch_under_autocast_runs_on_the_updated_weights():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         PPOCore(config).step(engine, rollout(), torch.linspace(-10, 10, BATCH), eos_token_id=1)
     assert len(check.diffs) == 2 * BATCH // 2 and max(check.diffs) == 0.0
+
+
+def engine_for(policy, optimizer) -> Engine:
+    """An engine that visits the samples in order (the same minibatches in every run)."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    return Engine(
+        model=policy, policy=policy, reference=ReferenceConfig("copy").build(policy), optimizer=optimizer,
+        backward=lambda loss: loss.backward(),
+        clip_gradients=lambda max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm),
+        order=lambda n: torch.arange(n), local_gradients=True,
+    )
+
+
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_a_loss_that_turns_nan_midway_undoes_the_steps_already_taken(in_backward):
+    """A huge learning rate makes the weights overflow after the first optimizer step: the error says which
+    minibatch failed and what was undone, and the next step continues as if the failed one had never run."""
+    config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, learning_rate=1e-3, use_score_scaling=True,
+                       optimizer_in_backward=in_backward)
+    scores = torch.linspace(-10, 10, BATCH)
+    runs = []
+    for fail in (True, False):
+        policy = AutoModelForCausalLMWithValueHead(tiny_hf_model("gpt2"))
+        optimizer = RecordingAdam([p for p in policy.parameters() if p.requires_grad], lr=config.learning_rate)
+        core, engine = PPOCore(config), engine_for(policy, optimizer)
+        core.step(engine, rollout(), scores, eos_token_id=1)
+        if fail:
+            weights = {k: v.clone() for k, v in policy.state_dict().items()}
+            moments = {p: {k: v.clone() for k, v in s.items()} for p, s in optimizer.state.items()}
+            ppo_state = core.state_dict()
+            optimizer.param_groups[0]["lr"] = 1e35
+            with pytest.raises(FloatingPointError, match=r"PPO step 1 \(PPO epoch 1 of 2, minibatch 2 of 4\); the 1 "
+                               r"optimizer step\(s\) it had taken were undone.*last checkpoint is intact"):
+                core.step(engine, rollout(), scores, eos_token_id=1, step_index=1)
+            assert not changed(weights, policy) and core.state_dict() == ppo_state
+            assert all(torch.equal(v, moments[p][k]) for p, s in optimizer.state.items() for k, v in s.items())
+            assert all(p.grad is None for p in policy.parameters())
+            optimizer.param_groups[0]["lr"] = config.learning_rate
+        output = core.step(engine, rollout(), scores * 2, eos_token_id=1, step_index=2)
+        runs.append((policy.state_dict(), core.state_dict(), output.stats["ppo/loss/total"]))
+    (failed_weights, failed_state, failed_loss), (clean_weights, clean_state, clean_loss) = runs
+    assert all(torch.equal(failed_weights[k], v) for k, v in clean_weights.items())
+    assert failed_state == clean_state and failed_loss == clean_loss
+
+
+def test_nan_in_the_update_inputs_stops_before_any_step_and_keeps_the_ppo_state():
+    config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, use_score_scaling=True)
+    policy = AutoModelForCausalLMWithValueHead(tiny_hf_model("gpt2"))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    optimizer = RecordingAdam([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+    core = PPOCore(config)
+    ppo_state = core.state_dict()
+    scores = torch.linspace(-10, 10, BATCH)
+    scores[7] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"PPO step 0 would train on NaN/inf: the scores of samples \[7\] "
+                       r"are not finite.*No update was applied"):
+        core.step(engine_for(policy, optimizer), rollout(), scores, eos_token_id=1)
+    assert optimizer.grad_norms == [] and not changed(before, policy)
+    assert core.state_dict() == ppo_state  # the running score moments did not take the NaN in
+
+
+def test_without_undo_failed_update_the_error_says_which_steps_were_kept():
+    """``ppo.undo_failed_update=false`` takes no copy: the steps taken stay, and the error says how many."""
+    config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, use_score_scaling=True,
+                       undo_failed_update=False)
+    policy = AutoModelForCausalLMWithValueHead(tiny_hf_model("gpt2"))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    optimizer = RecordingAdam([p for p in policy.parameters() if p.requires_grad], lr=1e35)
+    core = PPOCore(config)
+    ppo_state = core.state_dict()
+    with pytest.raises(FloatingPointError, match=r"minibatch 2 of 4\); the model and the optimizer keep the 1 "
+                       r"optimizer step\(s\) it had taken \(ppo.undo_failed_update=false\)"):
+        core.step(engine_for(policy, optimizer), rollout(), torch.linspace(-10, 10, BATCH), eos_token_id=1)
+    assert len(optimizer.grad_norms) == 1 and changed(before, policy) and core.state_dict() == ppo_state

@@ -373,6 +373,23 @@ def test_max_grad_norm_clips_every_update():
     assert len(norms) == 8 and max(norms) <= 1e-3 * (1 + 1e-4)
 
 
+def test_a_step_whose_loss_turns_nan_midway_leaves_the_trainer_as_it_was():
+    """After its first optimizer step the weights overflow (a huge learning rate): the step is undone whole."""
+    trainer = quiet_trainer(PPOConfig(batch_size=4, mini_batch_size=1, ppo_epochs=2, learning_rate=1e-3,
+                                      use_score_scaling=True), tiny_policy(), None, byt5())
+    queries, responses = queries_of(PROMPTS), queries_of(["abc", "de", "fgh", "ij"])
+    scores = [torch.tensor(s) for s in (3.0, -2.0, 1.0, 5.0)]
+    trainer.step(queries, responses, scores)
+    weights, optimizer = weights_of(trainer.model), trainer.optimizer.state_dict()
+    moments, ppo_state = {k: v.clone() for k, v in optimizer["state"][0].items()}, trainer.core.state_dict()
+    trainer.optimizer.param_groups[0]["lr"] = 1e35
+    with pytest.raises(FloatingPointError, match=r"minibatch 2 of 4\); the 1 optimizer step\(s\) it had taken"):
+        trainer.step(queries, responses, scores)
+    assert all(torch.equal(weights[k], v) for k, v in weights_of(trainer.model).items())
+    assert all(torch.equal(moments[k], v) for k, v in trainer.optimizer.state_dict()["state"][0].items())
+    assert trainer.core.state_dict() == ppo_state and trainer.steps_done == 1
+
+
 @pytest.mark.parametrize(
     "call, error",
     [

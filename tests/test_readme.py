@@ -54,10 +54,21 @@ def assert_run_outputs(run_dir, cfg, metrics) -> None:
 @pytest.mark.parametrize("command", train_commands())
 def test_every_train_command_in_the_readme_runs(tmp_path, command):
     args = shlex.split(command)[2:]
-    if "<old_run_dir>" in command:  # the resume line: resume a run made just before
-        train(compose(FAST + ["callbacks=default", "callbacks.progress_bar=null"], tmp_path))
-        args = [a.replace("<old_run_dir>", str(tmp_path)) for a in args] + ["ppo.steps=6"]
+    if "<old_run_dir>" in command:  # the resume line, as written (plus more steps): the run's own config is used
+        first = FAST + ["callbacks=default", "callbacks.progress_bar=null", "model=tiny-llama", "peft=lora", "ref=peft"]
+        train(compose(first, tmp_path))
+        cfg = compose([a for a in args if not a.startswith("hydra.")] + ["ppo.steps=6"], tmp_path)
+        metrics = train(cfg)
+        assert_run_outputs(tmp_path, compose(first + ["ppo.steps=6"], tmp_path / "probe"), metrics)
+        return
     fast = [o for o in FAST if o.split("=")[0] not in {a.split("=")[0] for a in args}]
+    if "my_reward." in command:  # a custom reward: the README's file in the directory the command runs from
+        (tmp_path / "my_reward.py").write_text(readme_file("my_reward.py"))
+        result = run_cli(args + fast + [f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert result.stdout.strip().splitlines()[-1].startswith("Done: 4 PPO steps")
+        assert len(read_rows(tmp_path / "run")) == 4
+        return
     if "-m" in args or any(a.startswith("trainer=ddp") for a in args):
         result = run_cli(args + [o.replace("ppo.steps=4", "ppo.steps=2") for o in fast]
                          + [f"hydra.sweep.dir={tmp_path / 'sweep'}", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
@@ -75,6 +86,11 @@ def test_every_train_command_in_the_readme_runs(tmp_path, command):
             train(cfg)
         return
     assert_run_outputs(tmp_path, cfg, train(cfg))
+
+
+def readme_file(name: str) -> str:
+    """The README's code block that starts with the comment ``# <name>``."""
+    return next(body for lang, body in BLOCKS if body.startswith(f"# {name}\n"))
 
 
 def read_rows(run_dir):
@@ -139,16 +155,28 @@ def python_from_python_section() -> tuple[str, str]:
     return causal, seq2seq
 
 
-def test_ppo_from_python_scripts_in_the_readme_run(tmp_path, monkeypatch, capsys):
-    """Both scripts run as written: PPO learns, checkpoints are written, the saved policies reload identically."""
+def printed_lines() -> list[str]:
+    """The last lines the README says its two "PPO from Python" scripts print."""
+    section = README.split("\n## PPO from Python\n", 1)[1].split("\n## ", 1)[0]
+    return [re.search(r"`(reward: [^`]+)`", section).group(1), re.search(r"`(last step: [^`]+)`", section).group(1)]
+
+
+def test_ppo_from_python_scripts_in_the_readme_run(tmp_path, monkeypatch, capfd):
+    """Both scripts run as written and print what the README says, as plain lines (no model summary, no progress-bar
+    escape codes or it/s): PPO learns, checkpoints are written, the saved policies reload identically."""
     from lit_vhead import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead
 
     monkeypatch.chdir(tmp_path)
     causal, seq2seq = python_from_python_section()
+    claimed_causal, claimed_seq2seq = printed_lines()
     scope = {}
     exec(causal, scope)
-    first, last = map(float, re.search(r"reward: ([\d.]+) \(first 5 steps\) -> ([\d.]+)", capsys.readouterr().out)
-                      .groups())
+    out = capfd.readouterr().out
+    assert out.strip().splitlines()[-1] == claimed_causal  # the README's figures
+    progress = [line for line in out.splitlines() if line.startswith("PPO step")]
+    assert [line.split(":")[0] for line in progress] == ["PPO step 10/30", "PPO step 20/30", "PPO step 30/30"]
+    assert not [noise for noise in ("FLOPs", "Params", "v_num", "it/s", "\x1b[", "\r") if noise in out]
+    first, last = map(float, re.search(r"reward: ([\d.]+) \(first 5 steps\) -> ([\d.]+)", out).groups())
     assert last > first + 0.5 and scope["trainer"].current_epoch == scope["ppo"].steps
     assert list((tmp_path / "logs").glob("lightning_logs/version_0/checkpoints/*.ckpt"))  # Lightning's default
     ids = torch.randint(3, 259, (2, 5))
@@ -158,8 +186,66 @@ def test_ppo_from_python_scripts_in_the_readme_run(tmp_path, monkeypatch, capsys
 
     scope = {}
     exec(seq2seq, scope)
-    assert "last step: reward" in capsys.readouterr().out and scope["trainer"].current_epoch == scope["ppo"].steps
+    out = capfd.readouterr().out
+    assert out.strip().splitlines()[-1] == claimed_seq2seq and scope["trainer"].current_epoch == scope["ppo"].steps
+    assert not [noise for noise in ("FLOPs", "v_num", "it/s", "\x1b[") if noise in out]
     reloaded = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(tmp_path / "ppo-t5").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(ids, decoder_input_ids=ids)[2],
                            scope["module"].policy.eval()(ids, decoder_input_ids=ids)[2])
+
+
+def group_table() -> dict[str, tuple[list[str], str]]:
+    """The README's config-group table: ``{group: (options, what it sets)}``."""
+    table = README.split("### Config groups", 1)[1].split("\n\n", 2)[1]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        groups, options, sets = (cell.strip() for cell in line.strip("|").split("|"))
+        names = [re.match(r"`([\w-]+)`", o.strip()).group(1) for o in re.split(r"[,;]", options) for o in o.split("/")]
+        for group in re.findall(r"`(\w+)`", groups):
+            rows[group] = (names, sets)
+    return rows
+
+
+def test_config_group_table_lists_the_real_options():
+    """Every group's options are its configs/<group>/*.yaml files (the README listed `adam` for `default`)."""
+    rows = group_table()
+    for group, (options, _) in rows.items():
+        files = sorted(p.stem for p in (Path(ROOT) / "configs" / group).glob("*.yaml"))
+        if group in ("optimizer", "scheduler"):  # one row for both: `default`/`adamw`; `none`/`linear`
+            options = sorted(set(options) & set(files))
+        assert sorted(options) == files, (group, options, files)
+    assert {p.name for p in (Path(ROOT) / "configs").iterdir() if p.is_dir()} - set(rows) == {"hydra", "paths"}
+
+
+@pytest.mark.parametrize("group", ["model", "data", "ref"])
+def test_config_group_table_names_real_keys(tmp_path, group):
+    """Each key the table names for a group is a key of one of its options (or a value they set, like byt5): the
+    README listed `data.path` (the key is `prompts`) and `model.gradient_checkpointing` (a ppo setting)."""
+    from omegaconf import OmegaConf
+
+    options, sets = group_table()[group]
+    known = set()
+    for option in options:
+        node = OmegaConf.to_container(compose([f"{group}={option}"], tmp_path)[group], resolve=False)
+        known |= set(node) | {str(v) for v in node.values() if not isinstance(v, dict)}
+    named = [word for word in re.findall(r"`([a-z_0-9]+)`", sets)]
+    assert named and [word for word in named if word not in known] == []
+
+
+def test_readme_lists_every_built_in_reward_function_with_its_signature():
+    import inspect
+
+    import lit_vhead.rewards as rewards
+
+    def shown(fn) -> str:
+        params = [p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}"
+                  for p in inspect.signature(fn).parameters.values()]
+        return f"`{fn.__name__}({', '.join(params)})`"
+
+    functions = [fn for name, fn in inspect.getmembers(rewards, inspect.isfunction)
+                 if fn.__module__ == rewards.__name__ and list(inspect.signature(fn).parameters)[:2] == ["prompts",
+                                                                                                          "responses"]]
+    assert {fn.__name__ for fn in functions} == {"even_token_fraction", "character_fraction"}
+    section = README.split("\n### Rewards\n", 1)[1].split("\n### ", 1)[0]
+    assert [shown(fn) for fn in functions if shown(fn) not in section] == []

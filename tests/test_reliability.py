@@ -1,9 +1,11 @@
 """Exact resume after SIGKILL, atomic saves, and bad input that must fail clearly without losing work."""
 
+import errno
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from omegaconf.errors import OmegaConfBaseException
 from test_train import read_csv, run_cli
 
+from lit_vhead.checkpoint_io import AtomicCheckpointIO
 from lit_vhead.config import as_ppo_config
 from lit_vhead.train import train
 
@@ -22,6 +25,33 @@ RESUME_ARGS = ["ppo.steps=8", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.
                "logger=csv", "callbacks.model_checkpoint.every_n_epochs=2", "callbacks.progress_bar=null",
                "plot=false", "trainer.deterministic=true"]
 TIMING = ("time/",)
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """``mount(size)``: a fresh tmpfs of that size under ``tmp_path`` (another filesystem than the system temp dir),
+    unmounted afterwards."""
+    mounted = []
+
+    def mount(size: str):
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs (a second filesystem of a chosen size) needs root")
+        where = tmp_path / f"tmpfs{len(mounted)}"
+        where.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def child_env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **extra}
 
 
 def metric_rows(run_dir):
@@ -69,28 +99,19 @@ def test_checkpoint_holds_the_ppo_state(tmp_path):
     assert ckpt["optimizer_states"] and ckpt["optimizer_states"][0]["state"]  # Adam moments
 
 
-def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    from fsspec.implementations.local import LocalFileOpener
-
-    cfg = compose(FAST + ["callbacks=default", "callbacks.progress_bar=null",
-                          "callbacks.model_checkpoint.every_n_epochs=1", "callbacks.model_checkpoint.save_top_k=1"],
-                  tmp_path)
-    saves = {"n": 0}
-    write = LocalFileOpener.write
-
-    def failing_write(self, data):
-        if str(self.path).endswith("last.ckpt"):
-            saves["n"] += 1
-            if saves["n"] == 3:  # the third save: write half, then the disk is full
-                write(self, data[: len(data) // 2])
-                raise OSError(28, "No space left on device")
-        return write(self, data)
-
-    monkeypatch.setattr(LocalFileOpener, "write", failing_write)
-    with pytest.raises(OSError, match="No space left"):
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmpfs, tmp_path):
+    """Checkpoints on their own filesystem (the system temp dir elsewhere), full as PPO step 1's checkpoint is saved."""
+    checkpoints = tmpfs("64m")
+    overrides = ["callbacks=default", "callbacks.progress_bar=null", "callbacks.model_checkpoint.every_n_epochs=1",
+                 f"callbacks.model_checkpoint.dirpath={checkpoints}", f"+callbacks.fill.directory={checkpoints}",
+                 "+callbacks.fill._target_=helpers_callbacks.FillDisk", "+callbacks.fill.at_epoch=1"]
+    cfg = compose(FAST + overrides, tmp_path)
+    with pytest.raises(OSError) as err:
         train(cfg)
-    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["epoch"] == 1  # the second save (after PPO step 1) is intact
+    assert err.value.errno == errno.ENOSPC and "ppo-step0001.ckpt" in str(err.value)
+    assert sorted(os.listdir(checkpoints)) == ["filler", "last.ckpt", "ppo-step0000.ckpt"]  # nothing partial
+    for name in ("last.ckpt", "ppo-step0000.ckpt"):
+        assert torch.load(checkpoints / name, weights_only=True)["epoch"] == 0  # whole, from PPO step 0
 
 
 def test_nan_loss_mid_run_stops_clearly_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -216,3 +237,98 @@ def test_default_path_makes_no_network_connection(tmp_path, monkeypatch):
     monkeypatch.setattr(socket.socket, "connect", local_only)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert train(compose(FAST, tmp_path))["env/reward_mean"] > 0
+
+
+# Writes versions 0, 1, 2... of a 64 MiB checkpoint to argv[1] for ever, the way Lightning's ModelCheckpoint does.
+CHECKPOINT_WRITER = """
+import sys, torch
+from lit_vhead.checkpoint_io import AtomicCheckpointIO
+io, version = AtomicCheckpointIO(), 0
+while True:
+    io.save_checkpoint({"version": version, "weights": torch.arange(2**24, dtype=torch.float32) + version}, sys.argv[1])
+    version += 1
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_on_another_filesystem_leaves_a_whole_last_ckpt(tmpfs, tmp_path):
+    """The run dir on a tmpfs, the system temp dir on the disk: Lightning's own save copied across them straight
+    into last.ckpt, so a kill during the copy tore it and leaked the temp file."""
+    run, system_tmp = tmpfs("300m"), tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    last = run / "last.ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", CHECKPOINT_WRITER, str(last)], env=child_env(TMPDIR=str(system_tmp)),
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while not last.is_file():
+            assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
+            time.sleep(0.01)
+        first = os.stat(last)
+        while True:  # kill as a write lands: a file appears beside last.ckpt, or last.ckpt itself changes
+            now = os.stat(last)
+            if len(os.listdir(run)) > 1 or (now.st_ino, now.st_size, now.st_mtime_ns) != (
+                    first.st_ino, first.st_size, first.st_mtime_ns):
+                break
+            assert time.time() < deadline, "no second write seen"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    ckpt = torch.load(last, weights_only=True)
+    assert torch.equal(ckpt["weights"], torch.arange(2**24, dtype=torch.float32) + ckpt["version"])
+    assert list(system_tmp.iterdir()) == []  # nothing went through (or leaked into) the system temp dir
+    AtomicCheckpointIO().save_checkpoint({"version": -1}, last)  # the next save removes what the killed one left
+    assert os.listdir(run) == ["last.ckpt"] and torch.load(last, weights_only=True) == {"version": -1}
+
+
+def test_full_disk_on_another_filesystem_leaves_no_partial_checkpoint(tmpfs, tmp_path, monkeypatch):
+    """A full run dir while the system temp dir has room: the old save copied a truncated ppo-step0002.ckpt into
+    place; now the write fails with ENOSPC, that path never appears and the earlier checkpoints are whole."""
+    run = tmpfs("2600k")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # what Lightning's save would stage its file in
+    io = AtomicCheckpointIO()
+    one_mib = torch.ones(2**18)
+    io.save_checkpoint({"step": 1, "weights": one_mib}, run / "ppo-step0001.ckpt")
+    io.save_checkpoint({"step": 1, "weights": one_mib}, run / "last.ckpt")
+    with pytest.raises(OSError) as err:
+        io.save_checkpoint({"step": 2, "weights": one_mib}, run / "ppo-step0002.ckpt")
+    assert err.value.errno == errno.ENOSPC and "ppo-step0002.ckpt" in str(err.value)
+    assert sorted(os.listdir(run)) == ["last.ckpt", "ppo-step0001.ckpt"]  # no partial file, no temp file
+    for name in ("last.ckpt", "ppo-step0001.ckpt"):
+        assert torch.equal(torch.load(run / name, weights_only=True)["weights"], one_mib)
+
+
+def test_the_cli_writes_checkpoints_beside_themselves_not_through_the_system_temp_dir(tmp_path, monkeypatch):
+    """configs/trainer gives the Trainer AtomicCheckpointIO: with no usable system temp dir, checkpoints still save
+    (Lightning's own save stages every checkpoint there)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+    train(compose(FAST + ["ppo.steps=2", "callbacks=default", "callbacks.progress_bar=null",
+                          "callbacks.model_checkpoint.every_n_epochs=1"], tmp_path / "run"))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
+        "last.ckpt", "ppo-step0000.ckpt", "ppo-step0001.ckpt"]
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
+
+
+def test_resume_drops_a_metrics_row_torn_by_a_kill(tmp_path):
+    """A kill while step 2's row was being written leaves part of it, without its newline, at the end of the file."""
+    from lit_vhead.loggers import CSVLogger
+
+    (tmp_path / "csv").mkdir()
+    (tmp_path / "csv" / "metrics.csv").write_text(
+        "env/reward_mean,epoch,ppo/step,step\n0.5,0,0.0,0\n0.75,1,1.0,1\n0.8")
+    logger = CSVLogger(tmp_path, name="csv", version="")
+    logger.keep_before_step = 2  # resuming from the checkpoint taken after PPO step 1
+    logger.log_metrics({"env/reward_mean": 1.0, "epoch": 2, "ppo/step": 2.0}, step=2)
+    logger.save()
+    assert [row["ppo/step"] for row in read_csv(tmp_path)] == ["0.0", "1.0", "2.0"]
+    assert all(value != "" for row in read_csv(tmp_path) for value in row.values())
+
+
+def test_prompts_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("héllo\nworld\n".encode() + b"caf\xff\n")
+    with pytest.raises(ValueError, match=rf"prompts file '{prompts}', line 3: byte 0xff is not UTF-8"):
+        train(compose(FAST + [f"data.prompts={prompts}"], tmp_path / "run"))
+    prompts.write_bytes("\ufeffhéllo\nworld\n".encode())  # UTF-8 with a byte-order mark reads as UTF-8
+    from lit_vhead.data import load_prompts
+
+    assert load_prompts(prompts) == ["héllo", "world"]

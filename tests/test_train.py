@@ -3,6 +3,7 @@
 import copy
 import csv
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -19,7 +20,7 @@ from lit_vhead import AutoModelForCausalLMWithValueHead
 from lit_vhead.builders import ModelNotFoundError
 from lit_vhead.ppo import KL_PENALTY_KINDS
 from lit_vhead.rewards import RewardError
-from lit_vhead.train import train
+from lit_vhead.train import main, train
 
 TRL_METRICS = [
     "env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef", "objective/entropy",
@@ -66,7 +67,7 @@ def fit_with(cfg, extra_callbacks):
 
 # Third-party console output that tells a user of `python train.py` nothing (issue 11, item 6).
 NOISE = ["litlogger", "anonymous setting", "LeafSpec", "Writing model shards", "Loading weights", "LOAD REPORT",
-         "Previous log files", "\x1b["]
+         "Previous log files", "\x1b[", "v_num", "it/s", "\r"]
 
 
 @pytest.mark.slow
@@ -88,6 +89,11 @@ def test_default_cli_learns_and_saves_a_loadable_policy(tmp_path):
     )
     output = result.stdout + result.stderr
     assert [noise for noise in NOISE if noise in output] == []
+    progress = [line for line in result.stdout.splitlines() if line.startswith("PPO step ")]
+    assert [line.split(":")[0] for line in progress] == [f"PPO step {k}/100" for k in range(10, 101, 10)]
+    assert all(re.fullmatch(r"PPO step \d+/100: reward [\d.]+, kl -?[\d.e-]+ \([\d.]+ s/step\)", p) for p in progress)
+    readme_line = re.search(r"```text\n(Done: .*)\n```", open(os.path.join(ROOT, "README.md")).read()).group(1)
+    assert summary.replace(str(tmp_path), "outputs/ppo/runs/<date>_<time>") == readme_line  # the README's figures
     assert not (tmp_path / "train.log").exists()  # Hydra's job log stayed empty: not written at all
     policy = AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path / "policy")
     assert policy.v_head.summary.weight.shape == (1, 64)
@@ -140,6 +146,11 @@ def test_help_describes_the_project_and_offers_only_real_options(tmp_path):
     assert "TRL's value-head models and TRL-classic PPO" in result.stdout
     groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     assert "head: default\n" in groups and "ppo: default\n" in groups and "schema" not in groups
+    ppo = result.stdout.split("\nppo:\n")[1].split("\ndata:\n")[0]  # the ppo group's keys, as --help lists them
+    assert "learning_rate: 0.0001" in ppo and "generation:" in ppo
+    trl_only = ("model_name", "query_dataset", "reward_model", "log_with", "tracker_project_name", "world_size",
+                "backward_batch_size", "is_encoder_decoder", "is_peft_model", "accelerator_kwargs")
+    assert [name for name in trl_only if f"  {name}:" in ppo] == []
 
 
 def test_logs_trl_metric_names_every_ppo_step(tmp_path):
@@ -273,17 +284,24 @@ def test_reward_adapter_of_another_base_warns_and_one_that_does_not_fit_fails(tm
         train(compose(FAST + adapter + [f"reward.adapter_path={tmp_path / 'other_shapes'}"], tmp_path / "run2"))
 
 
-@pytest.mark.parametrize("model, task_type", [("tiny-gpt2", "CAUSAL_LM"), ("tiny-t5", "SEQ_2_SEQ_LM")])
-def test_lora_task_type_follows_the_model(tmp_path, model, task_type):
-    """configs/peft/lora.yaml leaves task_type null: causal and seq2seq policies each get their own."""
+@pytest.mark.parametrize("model, task_type",
+                         [("tiny-gpt2", "CAUSAL_LM"), ("tiny-llama", "CAUSAL_LM"), ("tiny-t5", "SEQ_2_SEQ_LM")])
+def test_lora_task_type_and_fan_in_fan_out_follow_the_model(tmp_path, model, task_type):
+    """configs/peft/lora.yaml leaves task_type and fan_in_fan_out null: each policy gets its own, and peft has
+    nothing to warn about (it warned "fan_in_fan_out is set to False but the target module is Conv1D" on GPT-2)."""
     import hydra
 
     from lit_vhead.builders import build_policy
 
     cfg = compose([f"model={model}", "peft=lora"], tmp_path)
-    assert cfg.peft.task_type is None
-    policy = build_policy(cfg.model, peft_config=hydra.utils.instantiate(cfg.peft))
-    assert policy.pretrained_model.peft_config["default"].task_type == task_type
+    assert cfg.peft.task_type is None and cfg.peft.fan_in_fan_out is None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy = build_policy(cfg.model, peft_config=hydra.utils.instantiate(cfg.peft))
+    lora = policy.pretrained_model.peft_config["default"]
+    assert lora.task_type == task_type
+    assert lora.fan_in_fan_out == (model == "tiny-gpt2")  # GPT-2's Conv1D layers store their weights transposed
+    assert not [str(w.message) for w in caught if "fan_in_fan_out" in str(w.message)]
 
 
 @pytest.mark.parametrize("choice, optimizer_class", [("default", torch.optim.Adam), ("adamw", torch.optim.AdamW)])
@@ -323,12 +341,74 @@ def no_model_built(monkeypatch):
         (["data.max_prompt_tokens=4"], ValueError, "data.max_prompt_tokens"),
         (["ckpt_path=/nonexistent.ckpt"], FileNotFoundError, "/nonexistent.ckpt"),
         (["trainer.precision=16-mixed"], ValueError, "trainer.precision=16-mixed (fp16 autocast) needs a GPU"),
+        (["model.dtype=foo"], ValueError, "model.dtype='foo' is not a torch dtype: use float32, bfloat16"),
+        (["~model.config.bos_token_id", "~model.config.eos_token_id"], ValueError,
+         "The model config's bos_token_id=50256 is outside the policy's vocabulary of 259 tokens (ids 0-258): set it "
+         "to a token of the vocabulary (the tokenizer's is 1; with python train.py: model.config.bos_token_id=1)."),
+        (["save_pretrained_dir={tmp}/a_file/policy"], NotADirectoryError,
+         "save_pretrained_dir={tmp}/a_file/policy lies under the file {tmp}/a_file: pick a directory path"),
+        (["reward=function", "reward.fn._target_=no_such_module.score"], RewardError,
+         "reward.fn._target_='no_such_module.score' cannot be imported (ModuleNotFoundError: No module named "
+         "'no_such_module'). Its module must be importable"),
+        (["+ref.num_shared_layer=1"], ValueError, "ref.num_shared_layer is not a setting of ref: did you mean "
+         "ref.num_shared_layers?"),
+        (["+ppo.model_name=gpt2"], ValueError, "ppo.model_name is a setting of PPOTrainer (TRL's loop in Python) "
+         "that python train.py does not read; use model=<option> or model.name_or_path=<dir>."),
     ],
 )
 def test_bad_input_fails_before_any_model_is_built(tmp_path, no_model_built, overrides, error, words):
+    (tmp_path / "a_file").write_text("not a directory")
     with pytest.raises(error, match=None) as info:
-        train(compose(FAST + overrides, tmp_path))
-    assert words in str(info.value)
+        train(compose(FAST + [o.replace("{tmp}", str(tmp_path)) for o in overrides], tmp_path))
+    assert words.replace("{tmp}", str(tmp_path)) in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "csv").exists()  # nothing written: no step ran
+
+
+def test_a_reward_target_that_does_not_import_is_one_line_and_leaves_no_run_dir(tmp_path, capsys):
+    run_dir = tmp_path / "outputs" / "run"
+    (run_dir / ".hydra").mkdir(parents=True)  # as Hydra leaves it before the run starts
+    with pytest.raises(SystemExit) as info:
+        main(compose(FAST + ["reward=function", "reward.fn._target_=my_reward.score"], run_dir))
+    assert info.value.code == 1
+    assert capsys.readouterr().out.strip().splitlines() == [
+        "Error: reward.fn._target_='my_reward.score' cannot be imported (ModuleNotFoundError: No module named "
+        "'my_reward'). Its module must be importable: a .py file in the directory you run python train.py from, or a "
+        "package on PYTHONPATH."]
+    assert not run_dir.exists()
+
+
+def test_a_model_config_with_special_ids_outside_its_vocabulary_fails_in_python(byt5):
+    """A default GPT2Config with a smaller vocabulary keeps bos/eos 50256: PPOModule refuses it by name."""
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from lit_vhead import PPOModule
+
+    model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=len(byt5)))
+    with pytest.raises(ValueError, match=r"model config's bos_token_id=50256 is outside .* 259 tokens"):
+        PPOModule(model, byt5, lambda prompts, responses, **kw: [0.0] * len(prompts))
+
+
+def test_debug_fast_writes_no_checkpoint_logger_plot_or_policy(tmp_path):
+    train(compose(["debug=fast"], tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "metrics.json"]
+
+
+def test_progress_is_plain_lines_every_n_steps(tmp_path, capfd):
+    """Not a terminal: one line per N PPO steps (and the last), no escape codes, no it/s, no logger version."""
+    train(compose(FAST + ["callbacks=default", "callbacks.progress_bar.every_n_steps=3"], tmp_path))
+    out = capfd.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("PPO step")]
+    assert [line.split(":")[0] for line in lines] == ["PPO step 3/4", "PPO step 4/4"]
+    assert all(re.fullmatch(r"PPO step \d/4: reward [\d.]+, kl -?[\d.e-]+ \([\d.]+ s/step\)", line) for line in lines)
+    assert not [bad for bad in ("\x1b[", "\r", "v_num", "it/s", "Epoch ") if bad in out]
+
+
+def test_progress_in_a_terminal_shows_the_current_step_in_place(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # capsys's stand-in for stdout, as a terminal
+    train(compose(FAST + ["callbacks=default", "callbacks.progress_bar.every_n_steps=3"], tmp_path))
+    out = capsys.readouterr().out
+    assert re.search(r"^\rPPO step 1/4: [^\n]*\rPPO step 2/4: [^\n]*\rPPO step 3/4: [^\r\n]*\n", out, flags=re.M)
+    assert re.search(r"^PPO step 4/4: [^\r\n]*\n", out, flags=re.M) and "\x1b[" not in out
 
 
 def test_reward_adapter_without_peft_fails_before_any_model_is_built(tmp_path, no_model_built):

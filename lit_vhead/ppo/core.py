@@ -29,6 +29,7 @@ from lit_vhead.ppo.functional import world_size
 from lit_vhead.ppo.kl import make_kl_controller
 from lit_vhead.ppo.optimizer_in_backward import optimizer_in_backward, why_not
 from lit_vhead.ppo.running_moments import RunningMoments
+from lit_vhead.ppo.snapshot import UpdateSnapshot
 from lit_vhead.ppo.stages import PPOStages, kl_kind
 from lit_vhead.reference import Reference
 from lit_vhead.rollout import Rollout
@@ -82,6 +83,7 @@ class PPOCore:
         self.kl_ctl = make_kl_controller(config.adap_kl_ctrl, config.init_kl_coef, config.target, config.horizon)
         self.score_moments = RunningMoments()
         self.stages = PPOStages(config, self.kl_ctl)
+        self._state_before = self.state_dict()  # the PPO state as the current step found it (see _undo)
 
     # ------------------------------------------------------------------ checkpointed state
     def state_dict(self) -> dict[str, Any]:
@@ -102,6 +104,7 @@ class PPOCore:
     def _step(self, engine: Engine, stages: PPOStages, rollout: Rollout, raw_scores: torch.Tensor,
               eos_token_id: int | None, step_index: int) -> StepOutput:
         ppo, timings = self.config, {}
+        self._state_before = self.state_dict()
         start = time.perf_counter()
         scores = self.transform_scores(raw_scores, rollout, eos_token_id)
 
@@ -120,6 +123,7 @@ class PPOCore:
             tic = time.perf_counter()
             values, advantages, returns = stages.compute_advantages(rollout.values, rewards, mask)
             rollout.values = values.float()
+            self._check_finite(engine, step_index, scores, rollout, advantages, returns)
             timings["time/ppo/compute_advantages"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -222,14 +226,73 @@ class PPOCore:
         train_stats["policy/ratio"] = torch.cat(ratios).unsqueeze(0)
         return train_stats, skipped
 
+    def _check_finite(self, engine: Engine, step_index: int, scores: torch.Tensor, rollout: Rollout,
+                      advantages: torch.Tensor, returns: torch.Tensor) -> None:
+        """Stop before the first optimizer step if what the update trains on holds NaN/inf (one device sync)."""
+        mask = rollout.train_mask.bool()
+        per_token = {"policy log-probs": rollout.logprobs, "reference log-probs": rollout.ref_logprobs,
+                     "values": rollout.values, "advantages": advantages, "returns": returns}
+        per_sample = [(torch.isfinite(x) | ~mask).all(1) for x in per_token.values()]
+        finite = torch.stack([torch.isfinite(scores), *per_sample]).cpu()
+        if bool(finite.all()):
+            return
+        names = ["scores", *per_token]
+        row = int((~finite).any(1).nonzero()[0, 0])
+        samples = (~finite[row]).nonzero().flatten().tolist()
+        why = {
+            "scores": "the reward gave extreme values, or score scaling divided by a zero std",
+            "policy log-probs": "the policy's forward pass gives NaN/inf: check its weights and dtype",
+            "reference log-probs": "the reference model's forward pass gives NaN/inf: check its weights and dtype",
+            "values": "the policy's value head gives NaN/inf: check its weights and dtype",
+        }.get(names[row], "extreme rewards or values overflow GAE (whitening spreads one rank's NaN to every rank)")
+        self._undo(None, engine.optimizer)
+        raise FloatingPointError(
+            f"The PPO update at PPO step {step_index} would train on NaN/inf: the {names[row]} of samples "
+            f"{samples[:8]} are not finite ({why}). No update was applied: the model, the optimizer and the PPO state "
+            "are as they were before this PPO step, and the last checkpoint is intact."
+        )
+
+    def _undo(self, snapshot: UpdateSnapshot | None, optimizer: Any) -> None:
+        """Put the model, the optimizer and the PPO state (KL coefficient, score moments) back as this PPO step found
+        them: from ``snapshot`` if optimizer steps were taken, else by dropping accumulated gradients."""
+        if snapshot is not None:
+            snapshot.restore()
+        else:
+            optimizer.zero_grad()
+        self.load_state_dict(self._state_before)
+
+    def _failed(self, loss: torch.Tensor, where: str, applied: int, snapshot: UpdateSnapshot | None,
+                optimizer: Any) -> FloatingPointError:
+        """Undo what can be undone (:meth:`_undo`); the error says exactly what the model and optimizer now hold."""
+        self._undo(snapshot, optimizer)
+        as_before = "the model, the optimizer and the PPO state are as they were before this PPO step"
+        if not applied:
+            kept = f"no optimizer step had been taken: {as_before}"
+        elif snapshot is not None:
+            kept = f"the {applied} optimizer step(s) it had taken were undone: {as_before}"
+        else:
+            kept = (f"the model and the optimizer keep the {applied} optimizer step(s) it had taken "
+                    "(ppo.undo_failed_update=false), the PPO state is as it was before this PPO step")
+        return FloatingPointError(
+            f"The PPO loss is {loss.item()} at {where}; {kept}, and the last checkpoint is intact. Lower "
+            "ppo.learning_rate, set ppo.max_grad_norm, or check the reward for extreme values."
+        )
+
     def _epochs(self, engine: Engine, stages: PPOStages, rollout: Rollout, advantages: torch.Tensor,
                 returns: torch.Tensor, step_index: int, ratios: list[torch.Tensor], all_stats: list[dict]) -> int:
         """The minibatch loop of :meth:`_optimize`; appends to ``ratios`` and ``all_stats``, returns the number of
-        skipped batches."""
+        skipped batches.
+
+        A loss that is NaN/inf undoes the optimizer steps this PPO step took: when the step has more than one (and
+        ``ppo.undo_failed_update``), the optimizer's weights and state are copied before the first
+        (:class:`UpdateSnapshot`), and freed when the step ends.
+        """
         ppo, optimizer = self.config, engine.optimizer
         batch_size = rollout.response_ids.shape[0]
-        skipped = 0
-        for _ in range(ppo.ppo_epochs):
+        minibatches = -(-batch_size // ppo.mini_batch_size)
+        updates = ppo.ppo_epochs * (minibatches // ppo.gradient_accumulation_steps)
+        skipped, applied, snapshot = 0, 0, None
+        for epoch in range(ppo.ppo_epochs):
             order = torch.as_tensor(engine.order(batch_size), device=rollout.response_ids.device)
             stats = {}
             for i, begin in enumerate(range(0, batch_size, ppo.mini_batch_size)):
@@ -245,11 +308,10 @@ class PPOCore:
                 loss = pg_loss + vf_loss
                 ratios.append((logprobs.detach() - mini.logprobs).exp()[mini.train_mask.bool()])
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"The PPO loss is {loss.item()} at PPO step {step_index}: training stopped before the "
-                        "update; the last checkpoint is intact. Lower ppo.learning_rate, set ppo.max_grad_norm, or "
-                        "check the reward for extreme values."
-                    )
+                    where = f"PPO step {step_index} (PPO epoch {epoch + 1} of {ppo.ppo_epochs}, minibatch {i + 1} of "
+                    raise self._failed(loss, f"{where}{minibatches})", applied, snapshot, optimizer)
+                if snapshot is None and updates > 1 and ppo.undo_failed_update:
+                    snapshot = UpdateSnapshot(optimizer)  # before the first backward: it may step (in backward)
                 skipped += int(float(stats.get("policy/ratio_mean", 0.0)) > ppo.ratio_threshold)
                 engine.backward(loss / ppo.gradient_accumulation_steps)
                 if (i + 1) % ppo.gradient_accumulation_steps == 0:
@@ -257,6 +319,7 @@ class PPOCore:
                         engine.clip_gradients(ppo.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad()
+                    applied += 1
                 # Autocast caches the low-precision copy of each weight for its whole region (Fabric's and a user's
                 # own cover the PPO step; Lightning's has the cache off): drop it, or the next minibatch runs on the
                 # weights before this update.
