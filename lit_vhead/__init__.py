@@ -1,18 +1,23 @@
 """lit_vhead: TRL's value-head models and PPO, maintained, on transformers 5 and PyTorch Lightning.
 
-The value-head models import light; the PPO classes (Lightning, torchmetrics) load on first use.
+Every name loads on first use (as ``trl``'s): ``import lit_vhead`` imports nothing heavy, the value-head models bring
+transformers (not Lightning, Hydra or peft), and the PPO classes bring Lightning.
 """
 
-from lit_vhead.config import PPOConfig
-from lit_vhead.modeling import (
-    AutoModelForCausalLMWithValueHead,
-    AutoModelForSeq2SeqLMWithValueHead,
-    PreTrainedModelWrapper,
-)
-from lit_vhead.reference import LAYER_PATTERNS, ReferenceConfig, create_reference_model
-from lit_vhead.value_head import ValueHead, gather_last, mask_values
+import importlib
 
-_LAZY = {
+_EXPORTS = {
+    "AutoModelForCausalLMWithValueHead": "lit_vhead.modeling",
+    "AutoModelForSeq2SeqLMWithValueHead": "lit_vhead.modeling",
+    "PreTrainedModelWrapper": "lit_vhead.modeling",
+    "PPOConfig": "lit_vhead.config",
+    "LAYER_PATTERNS": "lit_vhead.reference",
+    "ReferenceConfig": "lit_vhead.reference",
+    "create_reference_model": "lit_vhead.reference",
+    "ValueHead": "lit_vhead.value_head",
+    "gather_last": "lit_vhead.value_head",
+    "mask_values": "lit_vhead.value_head",
+    "set_seed": "lit_vhead.core",
     "AtomicCheckpointIO": "lit_vhead.checkpoint_io",
     "PPOModule": "lit_vhead.module",
     "PPOTrainer": "lit_vhead.trainer",
@@ -23,29 +28,16 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
     raise AttributeError(f"module 'lit_vhead' has no attribute {name!r}")
 
 
-__all__ = [
-    "AtomicCheckpointIO",
-    "AutoModelForCausalLMWithValueHead",
-    "AutoModelForSeq2SeqLMWithValueHead",
-    "LAYER_PATTERNS",
-    "PPOConfig",
-    "PPOModule",
-    "PPOTrainer",
-    "PreTrainedModelWrapper",
-    "PromptDataModule",
-    "ReferenceConfig",
-    "ReferenceModelCallback",
-    "RewardSource",
-    "ValueHead",
-    "create_reference_model",
-    "gather_last",
-    "mask_values",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

@@ -150,7 +150,9 @@ class PPOConfig:
     dataset_num_proc: int | None = None
     missing_eos_penalty: float | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    cpu_kernels: Any = "auto"  # "auto" | true | false (Any: Hydra passes true/false as bools, auto as text)
+    # "auto" | true | false. Typed str, normalised by validate(): Hydra turns ppo.cpu_kernels=true into "True", and
+    # HfArgumentParser (TRL's examples/scripts/ppo.py parses PPOConfig with it) cannot parse an Any-typed field.
+    cpu_kernels: str = "auto"
     compile: bool = False
     optimizer_in_backward: bool = False
     undo_failed_update: bool = True

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from lit_vhead.ppo import entropy_from_logits, logprobs_from_logits, masked_mean, masked_var, masked_whiten
 
@@ -99,6 +100,25 @@ def flatten_dict(nested: Mapping, sep: str = "/") -> dict[str, Any]:
     return flat
 
 
+def stack_dicts(stats_dicts: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Each key's values flattened and stacked into ``[len(stats_dicts), n]``, padded with ``WANDB_PADDING``."""
+    return {
+        key: pad_sequence([torch.flatten(d[key]) for d in stats_dicts], batch_first=True, padding_value=WANDB_PADDING)
+        for key in stats_dicts[0]
+    }
+
+
+def stats_to_np(stats: Mapping[str, Any]) -> dict[str, Any]:
+    """Tensors become numpy arrays (bf16 as fp32), numpy scalars Python floats; the rest is kept (TRL's)."""
+    out = {}
+    for key, value in stats.items():
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+            value = (value.float() if value.dtype == torch.bfloat16 else value).numpy()
+        out[key] = float(value) if np.isscalar(value) else value
+    return out
+
+
 def convert_to_scalar(stats: Mapping[str, Any]) -> dict[str, Any]:
     """Single-element tensors and arrays become Python numbers (what TRL does for every logger but wandb)."""
     out = {}
@@ -123,5 +143,7 @@ __all__ = [
     "masked_whiten",
     "respond_to_batch",
     "set_seed",
+    "stack_dicts",
+    "stats_to_np",
     "top_k_top_p_filtering",
 ]

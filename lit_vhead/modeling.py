@@ -9,10 +9,13 @@ round-trips), the plain constructor gives a working model, the head's dropout fo
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -41,12 +44,13 @@ from lit_vhead.checkpoint import (
 )
 from lit_vhead.value_head import DEFAULT_INITIALIZER_RANGE, ValueHead, check_init_strategy, mask_values
 
-try:  # peft is a dependency, but the value-head models work without it (TRL's test_no_peft)
-    from peft import PeftConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-except ImportError:  # pragma: no cover - exercised only where peft is absent
-    PeftConfig = PeftModel = get_peft_model = prepare_model_for_kbit_training = None
+logger = logging.getLogger(__name__)
 
 _HUB_KWARGS = ("token", "revision", "cache_dir", "local_files_only", "force_download", "subfolder")
+# ``peft.prepare_model_for_kbit_training``'s keyword arguments (routed there, not to transformers, with peft_config)
+_KBIT_KWARGS = ("use_gradient_checkpointing", "gradient_checkpointing_kwargs")
+# TRL-era loading keywords that transformers 5 removed: False is dropped, True becomes a BitsAndBytesConfig
+_QUANTIZATION_KWARGS = ("load_in_8bit", "load_in_4bit")
 
 
 def _full_tensors(state_dict: dict) -> dict:
@@ -54,8 +58,42 @@ def _full_tensors(state_dict: dict) -> dict:
     return {k: v.full_tensor() if type(v).__name__ == "DTensor" else v for k, v in state_dict.items()}
 
 
-def _peft_classes() -> tuple[type, ...]:
-    return (PeftModel,) if PeftModel is not None else ()
+def _peft() -> Any:
+    """peft, imported on first need: the value-head models load without it (TRL's test_no_peft), and a plain model
+    never imports it."""
+    try:
+        import peft
+    except ImportError:  # pragma: no cover - exercised only where peft is absent
+        return None
+    return peft
+
+
+def _is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a ``peft.PeftModel``, without importing peft (nothing is one before peft is loaded)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and hasattr(peft, "PeftModel") and isinstance(model, peft.PeftModel)
+
+
+def _quantization_config(hf_kwargs: dict) -> None:
+    """Map TRL-era ``load_in_8bit``/``load_in_4bit`` (and their ``bnb_4bit_*`` companions) to transformers 5's
+    ``quantization_config``, in place: ``False`` is dropped; ``True`` needs bitsandbytes."""
+    flags = {k: bool(hf_kwargs.pop(k)) for k in _QUANTIZATION_KWARGS if k in hf_kwargs}
+    if not flags:
+        return
+    bnb = {k: hf_kwargs.pop(k) for k in list(hf_kwargs) if k.startswith(("bnb_4bit_", "llm_int8_"))}
+    if not any(flags.values()):
+        return
+    asked = ", ".join(f"{k}=True" for k, v in flags.items() if v)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(
+            f"{asked} needs bitsandbytes, which is not installed: pip install bitsandbytes (and a GPU it supports), "
+            "or drop the argument to load the model unquantized."
+        )
+    if "quantization_config" in hf_kwargs:
+        raise ValueError(f"Pass either {asked} or quantization_config=..., not both.")
+    from transformers import BitsAndBytesConfig
+
+    hf_kwargs["quantization_config"] = BitsAndBytesConfig(**flags, **bnb)
 
 
 class PreTrainedModelWrapper(nn.Module):
@@ -69,7 +107,7 @@ class PreTrainedModelWrapper(nn.Module):
     supported_args: tuple[str, ...] = ()
     supported_modules = ("v_head",)
     supported_rm_modules = ("score",)
-    supported_pretrained_model_architectures = (PreTrainedModel, *_peft_classes())
+    supported_pretrained_model_architectures: tuple[type, ...] = (PreTrainedModel,)  # and peft.PeftModel
 
     def __init__(
         self,
@@ -80,14 +118,15 @@ class PreTrainedModelWrapper(nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(pretrained_model, self.supported_pretrained_model_architectures):
+        if not (isinstance(pretrained_model, self.supported_pretrained_model_architectures)
+                or _is_peft_model(pretrained_model)):
             raise ValueError(
                 f"pretrained_model must be a transformers PreTrainedModel or a peft PeftModel, got "
                 f"{type(pretrained_model).__name__}; build it with `{type(self).__name__}.from_pretrained(...)`."
             )
         self.pretrained_model = pretrained_model
         self.config = pretrained_model.config
-        self.is_peft_model = PeftModel is not None and isinstance(pretrained_model, PeftModel)
+        self.is_peft_model = _is_peft_model(pretrained_model)
         self.is_loaded_in_8bit = getattr(pretrained_model, "is_loaded_in_8bit", False)
         self.is_loaded_in_4bit = getattr(pretrained_model, "is_loaded_in_4bit", False)
         self.is_sequential_parallel = False
@@ -141,12 +180,9 @@ class PreTrainedModelWrapper(nn.Module):
 
         TRL matched against ``co_varnames`` (local variable names too), silently stealing kwargs such as ``name``.
         """
-        kbit_names = set()
-        if prepare_model_for_kbit_training is not None:
-            kbit_names = set(inspect.signature(prepare_model_for_kbit_training).parameters) - {"model"}
         head, hf, kbit = {}, {}, {}
         for key, value in kwargs.items():
-            (head if key in cls.supported_args else kbit if key in kbit_names else hf)[key] = value
+            (head if key in cls.supported_args else kbit if key in _KBIT_KWARGS else hf)[key] = value
         return head, hf, kbit
 
     @classmethod
@@ -166,12 +202,13 @@ class PreTrainedModelWrapper(nn.Module):
         # inference-only kernels.
         hf_kwargs.setdefault("use_kernels", False)
         check_init_strategy(head_kwargs.get("v_head_init_strategy"))
+        _quantization_config(hf_kwargs)
         if reward_adapter is not None and not isinstance(reward_adapter, (str, os.PathLike)):
             raise ValueError(
                 "The `reward_adapter` argument should be a string representing the name of local path or the Hub "
                 f"id to the Reward Modeling adapter; got {type(reward_adapter).__name__}."
             )
-        if peft_config is not None and (PeftConfig is None or not isinstance(peft_config, PeftConfig)):
+        if peft_config is not None and (_peft() is None or not isinstance(peft_config, _peft().PeftConfig)):
             raise ValueError(
                 f"The `peft_config` argument should be an instance of `peft.PeftConfig` class, got "
                 f"{type(peft_config).__name__}."
@@ -185,25 +222,26 @@ class PreTrainedModelWrapper(nn.Module):
             v_head_state = load_value_head_state(path, hub_kwargs)
             if os.path.isdir(path):
                 check_weight_files(path)
-            adapter_config = _fetch(path, ADAPTER_CONFIG, hub_kwargs) if PeftModel is not None else None
+            adapter_config = _fetch(path, ADAPTER_CONFIG, hub_kwargs) if _peft() is not None else None
             if adapter_config is not None:
                 if peft_config is not None:
                     warnings.warn(f"`peft_config` ignored: a peft config file was found in {path}", stacklevel=2)
                 base = cls._load_peft_base(path, hub_kwargs, *model_args, **hf_kwargs)
-                base = PeftModel.from_pretrained(base, path, is_trainable=is_trainable, **hub_kwargs)
+                base = _peft().PeftModel.from_pretrained(base, path, is_trainable=is_trainable, **hub_kwargs)
             else:
                 with _v_head_keys_expected(), _progress_bars(_weights_bytes(path) > _PROGRESS_BAR_MIN_BYTES):
                     base = cls.transformers_parent_class.from_pretrained(path, *model_args, **hf_kwargs)
                 base = cls._maybe_add_peft(base, peft_config, kbit_kwargs)
-            if v_head_state is None:
-                warnings.warn(
-                    f"No value-head weights (v_head.*) found in '{path}': the value head is freshly initialised. "
-                    "This is expected when starting PPO from a plain language model, not when resuming.",
-                    stacklevel=2,
+            if v_head_state is None:  # the usual start from a plain LM: said at info level (TRL said nothing)
+                logger.info(
+                    "No value-head weights (v_head.*) found in '%s': the value head is freshly initialised. This is "
+                    "expected when starting PPO from a plain language model, not when resuming.", path,
                 )
-        elif isinstance(pretrained_model_name_or_path, cls.supported_pretrained_model_architectures):
+        elif isinstance(pretrained_model_name_or_path, cls.supported_pretrained_model_architectures) or _is_peft_model(
+            pretrained_model_name_or_path
+        ):
             base = pretrained_model_name_or_path
-            if PeftModel is not None and isinstance(base, PeftModel) and peft_config is not None:
+            if _is_peft_model(base) and peft_config is not None:
                 warnings.warn("`peft_config` argument ignored since the model is already a PeftModel.", stacklevel=2)
             else:
                 base = cls._maybe_add_peft(base, peft_config, kbit_kwargs)
@@ -213,7 +251,7 @@ class PreTrainedModelWrapper(nn.Module):
                 f"{type(pretrained_model_name_or_path)}"
             )
 
-        is_peft = PeftModel is not None and isinstance(base, PeftModel)
+        is_peft = _is_peft_model(base)
         if is_peft and base.active_peft_config.is_prompt_learning:
             raise ValueError("PromptLearningConfig is not supported for PPO training.")
         score = None
@@ -257,7 +295,7 @@ class PreTrainedModelWrapper(nn.Module):
                 base_dir = os.path.join(snapshot, BASE_MODEL_DIR)
             with _progress_bars(_weights_bytes(base_dir) > _PROGRESS_BAR_MIN_BYTES):
                 return cls.transformers_parent_class.from_pretrained(base_dir, *model_args, **hf_kwargs)
-        base_path = PeftConfig.from_pretrained(path, **hub_kwargs).base_model_name_or_path
+        base_path = _peft().PeftConfig.from_pretrained(path, **hub_kwargs).base_model_name_or_path
         if not base_path:
             raise CheckpointError(
                 f"The adapters in '{path}' record no base model (base_model_name_or_path is null) and no "
@@ -274,8 +312,8 @@ class PreTrainedModelWrapper(nn.Module):
         if peft_config is None:
             return base
         if getattr(base, "is_loaded_in_8bit", False) or getattr(base, "is_loaded_in_4bit", False):
-            base = prepare_model_for_kbit_training(base, **kbit_kwargs)
-        return get_peft_model(base, peft_config)
+            base = _peft().prepare_model_for_kbit_training(base, **kbit_kwargs)
+        return _peft().get_peft_model(base, peft_config)
 
     @classmethod
     def add_and_load_reward_modeling_adapter(
@@ -435,7 +473,7 @@ class PreTrainedModelWrapper(nn.Module):
         for config_file in Path(tmp).rglob(ADAPTER_CONFIG):
             config = json.loads(config_file.read_text())
             config["base_model_name_or_path"] = recorded
-            config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+            config_file.write_text(json.dumps(_portable_adapter_config(config), indent=2, sort_keys=True))
 
     def push_to_hub(self, repo_id: str, commit_message: str = "Upload model with value head", **kwargs: Any) -> Any:
         """Upload what ``save_pretrained`` writes (value head included, also for PEFT models) to the hub.
@@ -551,6 +589,31 @@ def _v_head_keys_expected() -> Iterator[None]:
         PreTrainedModel._adjust_missing_and_unexpected_keys = original
 
 
+def _portable_adapter_config(config: dict) -> dict:
+    """The adapter config without ``peft_version`` and the entries that still hold their defaults: older peft (TRL
+    0.11.4's peft 0.13) rejects every field it does not know, and newer peft fills the defaults back in."""
+    import dataclasses
+
+    config_class = _peft().mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(config.get("peft_type"))
+    if config_class is None:
+        return config
+    defaults = {}
+    for f in dataclasses.fields(config_class):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+
+    def as_json(value: Any) -> Any:
+        return json.loads(json.dumps(value, sort_keys=True, default=lambda v: (
+            dataclasses.asdict(v) if dataclasses.is_dataclass(v) else sorted(v) if isinstance(v, set) else str(v))))
+
+    return {
+        key: value for key, value in config.items()
+        if key != "peft_version" and (key not in defaults or as_json(value) != as_json(defaults[key]))
+    }
+
+
 def _base_name(model: Any) -> str | None:
     """What a model records as its source (``config.name_or_path``): a hub id, a path, or None (built from a
     config)."""
@@ -568,7 +631,7 @@ def _same_source(a: str | None, b: str | None) -> bool:
 
 def _check_adapter_base(pretrained_model: Any, adapter_model_id: str, hub_kwargs: dict) -> str | None:
     """Warn unless the reward adapter's recorded base is the policy's base; return the adapter's base name."""
-    adapter_base = PeftConfig.from_pretrained(adapter_model_id, **hub_kwargs).base_model_name_or_path
+    adapter_base = _peft().PeftConfig.from_pretrained(adapter_model_id, **hub_kwargs).base_model_name_or_path
     policy_base = _base_name(pretrained_model)
     if adapter_base is None:
         warnings.warn(

@@ -155,7 +155,6 @@ class PPOModule(L.LightningModule):
         self.__dict__["reference"] = None  # not a submodule: never in checkpoints, never wrapped by DDP
         self._reference_sum: float | None = None  # its fingerprint, checked on resume
         self.core = PPOCore(self.ppo)
-        self.stats = self.core.stats  # a child module, so it follows the device
 
     @property
     def _reward_adapter(self) -> str | None:

@@ -29,6 +29,8 @@ class Rollout:
     logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
+    train_mask: torch.Tensor | None = None  # the tokens PPO trains on, in the log-prob layout (set by the PPO update)
+    rows: torch.Tensor | None = None  # [B] each row's place in the step's batch (a loop's key to its per-sample data)
 
     def select(self, index: torch.Tensor) -> Rollout:
         """The rows in ``index`` (a minibatch)."""
@@ -115,12 +117,22 @@ class ForwardOutput:
 
 def forward(model, rollout: Rollout, temperature: float = 1.0) -> ForwardOutput:
     """One pass of ``model`` (a value-head wrapper, or a wrapper of one) over the rollout's responses."""
-    output, values = model.forward_with_values(**_model_inputs(rollout), use_cache=False)
+    return forward_window(model, _model_inputs(rollout), rollout.response_ids, rollout.is_encoder_decoder, temperature)
+
+
+def forward_window(model, inputs: dict[str, torch.Tensor], labels: torch.Tensor, encoder_decoder: bool,
+                   temperature: float = 1.0) -> ForwardOutput:
+    """``model.forward_with_values(**inputs)``; the log-probs of ``labels`` ([B, W]) and the values before them.
+
+    Causal: ``labels`` are the last W columns of ``input_ids`` (the LM head may skip the earlier ones:
+    ``logits_to_keep``). Seq2seq: ``labels`` are the decoder's next tokens, one per decoder input.
+    """
+    output, values = model.forward_with_values(**inputs, use_cache=False)
     logits = output.logits
-    num_response = rollout.response_ids.shape[1]
-    if not rollout.is_encoder_decoder:
-        logits = logits[:, :-1]
-        values = values[:, -num_response - 1 : -1]
+    if not encoder_decoder:
+        width = labels.shape[1]
+        logits = logits[:, -width - 1 : -1]
+        values = values[:, -width - 1 : -1]
     if temperature != 1.0:
         logits = logits / temperature
-    return ForwardOutput(logprobs_from_logits(logits, rollout.response_ids), values.float(), logits)
+    return ForwardOutput(logprobs_from_logits(logits, labels), values.float(), logits)

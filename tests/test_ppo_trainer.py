@@ -278,7 +278,8 @@ def test_tool_environment_loop_trains_only_on_the_model_tokens():
         responses, masks, rewards = tool_environment(tokenizer, generated)
         stats = trainer.step(queries, responses, rewards, response_masks=masks)
         trainer.log_stats(stats, {"query": PROMPTS, "response": tokenizer.batch_decode(responses)}, rewards)
-        assert stats["tokens/responses_len_mean"] == pytest.approx(np.mean([len(g) for g in generated]))
+        # TRL's meaning: the whole response as passed to step, masked observation tokens included
+        assert stats["tokens/responses_len_mean"] == pytest.approx(np.mean([len(r) for r in responses]))
     assert changed(before, weights_of(trainer.model)) and math.isfinite(stats["ppo/loss/total"])
 
     # Masked observation tokens after the model's tokens change nothing: same update as without them.
@@ -291,7 +292,7 @@ def test_tool_environment_loop_trains_only_on_the_model_tokens():
     (masked, w_masked), (plain, w_plain) = results
     assert max((w_masked[k] - w_plain[k]).abs().max().item() for k in w_plain) <= WEIGHT_TOL
     for key, value in plain.items():
-        if isinstance(value, float) and not key.startswith(("time/", "tokens/responses_len_std")):
+        if isinstance(value, float) and not key.startswith(("time/", "tokens/responses_len")):
             assert masked[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
@@ -309,7 +310,8 @@ def test_seq2seq_loop_trains_the_first_generated_token():
     one_token = trainer.generate(queries, return_prompt=False, max_new_tokens=1, **SAMPLING)
     assert all(len(r) == 2 for r in one_token)  # start token + one generated token
     stats = trainer.step(queries, one_token, [torch.tensor(1.0)] * 4)
-    assert stats["tokens/responses_len_mean"] == 1.0 and math.isfinite(stats["ppo/loss/value"])
+    assert stats["tokens/responses_len_mean"] == 2.0  # TRL counts the response as passed: start token + 1
+    assert math.isfinite(stats["ppo/loss/value"])
     with pytest.raises(ValueError, match="decoder start token"):
         trainer.step(queries, [r[1:] for r in responses], [torch.tensor(1.0)] * 4)
 
@@ -396,14 +398,26 @@ def test_a_step_whose_loss_turns_nan_midway_leaves_the_trainer_as_it_was():
         (lambda t, q: t.step(q, [torch.tensor([], dtype=torch.long)] * 4, [1.0] * 4), r"responses\[0\] must be"),
         (lambda t, q: t.step(q, q, [1.0] * 4, response_masks=[torch.ones(1)] * 4), r"response_masks\[0\] has 1"),
         (lambda t, q: t.step(torch.stack(q[:1]), q, [1.0] * 4), "queries must be a list"),
+        # issue 20, item 15: float ids were cut (65.7 -> 65); out-of-vocabulary and negative ids gave an IndexError
+        (lambda t, q: t.step([q[0] + 0.7, *q[1:]], q, [1.0] * 4), r"queries\[0\] holds torch.float32 values \(\[100.7"),
+        (lambda t, q: t.step(q, [q[0], torch.tensor([5, 259]), *q[2:]], [1.0] * 4),
+         r"responses\[1\] holds token id 259, outside the policy's vocabulary \(0..258\)"),
+        (lambda t, q: t.step([*q[:2], torch.tensor([-3, 4]), q[3]], q, [1.0] * 4), r"queries\[2\] holds token id -3"),
+        # issue 20, item 5: a NaN score would enter the running score moments for good
+        (lambda t, q: t.step(q, q, [1.0, float("nan"), 1.0, 1.0]), r"scores\[1\] is nan"),
     ],
 )
 def test_bad_step_input_fails_before_any_work(call, error):
-    trainer = quiet_trainer(PPOConfig(batch_size=4, mini_batch_size=2), tiny_policy(), None, byt5())
-    before = weights_of(trainer.model)
+    config = PPOConfig(batch_size=4, mini_batch_size=2, use_score_scaling=True, use_score_norm=True)
+    trainer = quiet_trainer(config, tiny_policy(), None, byt5())
+    before, moments = weights_of(trainer.model), trainer.running.state_dict()
     with pytest.raises(ValueError, match=error):
         call(trainer, queries_of(["abc", "de", "fgh", "ij"]))
     assert not changed(before, weights_of(trainer.model))
+    assert trainer.running.state_dict() == moments and trainer.steps_done == 0  # nothing was changed
+    queries = queries_of(["abc", "de", "fgh", "ij"])
+    stats = trainer.step(queries, queries, [1.0, 2.0, 3.0, 4.0])  # the trainer is still fine
+    assert math.isfinite(stats["ppo/loss/total"]) and trainer.running.count == 4
 
 
 def test_bad_construction_is_named():
@@ -650,7 +664,7 @@ def test_gloo_waits_return_once_the_worker_thread_lets_go_of_their_tensor():
     import threading
     import time
 
-    from lit_vhead.trainer import _released_after
+    from lit_vhead.accelerator import _released_after
 
     tensor, held = torch.zeros(1), []
     tic = time.monotonic()

@@ -4,8 +4,10 @@ of clipped losses, the KL controller and the statistics (TRL classic's names).
 
 The caller's loop makes the rollout and the scores, and says how to run a backward pass and clip gradients
 (``manual_backward``/``clip_gradients`` in Lightning, ``fabric.backward``/``fabric.clip_gradients`` in Fabric), in
-which order to visit the samples (TRL draws ``np.random.permutation``), and which model to run the training forward
-through (a DDP wrapper or the bare policy).
+which order to visit the samples (TRL draws ``np.random.permutation``), which model to run the training forward
+through (a DDP wrapper or the bare policy), and which object answers the stages of the update
+(:class:`~lit_vhead.ppo.stages.PPOStages`: forward passes, rewards, advantages, loss, early stop, statistics).
+``PPOTrainer`` answers them itself, so its subclasses' overrides take effect here.
 """
 
 from __future__ import annotations
@@ -13,30 +15,24 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-import torch.distributed as dist
 
 from lit_vhead.config import PPOConfig
-from lit_vhead.kernels import compiled, fast_kernels
-from lit_vhead.metrics import PPOStats
-from lit_vhead.ppo.functional import (
-    compute_advantages,
-    compute_rewards,
-    entropy_from_logits,
-    masked_mean,
-    masked_var,
-    ppo_loss,
-)
+from lit_vhead.core import stack_dicts
+from lit_vhead.kernels import fast_kernels
+from lit_vhead.ppo.functional import world_size
 from lit_vhead.ppo.kl import make_kl_controller
 from lit_vhead.ppo.optimizer_in_backward import optimizer_in_backward, why_not
 from lit_vhead.ppo.running_moments import RunningMoments
 from lit_vhead.ppo.snapshot import UpdateSnapshot
+from lit_vhead.ppo.stages import PPOStages, kl_kind
 from lit_vhead.reference import Reference
-from lit_vhead.rollout import Rollout, forward
+from lit_vhead.rollout import Rollout
 
 
 def default_optimizer(learning_rate: float) -> Callable[[Any], torch.optim.Optimizer]:
@@ -49,19 +45,6 @@ def default_optimizer(learning_rate: float) -> Callable[[Any], torch.optim.Optim
         return torch.optim.Adam(params, lr=learning_rate, fused=not sharded)
 
     return build
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def world_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a scalar over all ranks."""
-    if world_size() > 1:
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        value /= world_size()
-    return value
 
 
 @dataclass
@@ -78,28 +61,28 @@ class Engine:
     scheduler: Any = None  # stepped once per PPO step
     temperature: float = 1.0  # logits are divided by it in every pass (the rollout's sampling temperature)
     local_gradients: bool = False  # gradients are final when backward returns: one process, no GradScaler
+    stages: PPOStages | None = None  # who answers the update's stages; None: the core's defaults
+    samples: tuple[Sequence, Sequence] | None = None  # the loop's own unpadded (queries, responses), for the stats
 
 
 @dataclass
 class StepOutput:
-    """One PPO update: the statistics (floats, reduced over ranks) and the per-sample tensors behind them."""
+    """One PPO update: its statistics and the rollout behind them."""
 
-    stats: dict[str, float]
-    rollout: Rollout  # with logprobs, ref_logprobs and (masked) values filled in
+    stats: dict[str, float]  # the scalar statistics as floats, reduced over ranks
+    raw_stats: dict[str, Any]  # what the stages' record_step_stats (+ gather_stats) returned, timings added
+    rollout: Rollout  # with logprobs, ref_logprobs, (masked) values and train_mask filled in
     scores: torch.Tensor  # [B] after scaling/clipping
-    kls: torch.Tensor  # [B, T] per-token KL (the configured estimator)
-    advantages: torch.Tensor  # [B, T]
-    ratios: torch.Tensor  # [N] π/π_old at every response token of every minibatch update (TRL's ratio histogram)
 
 
 class PPOCore:
-    """PPO state that outlives a step (KL coefficient, running score moments, statistics) and the update itself."""
+    """PPO state that outlives a step (KL coefficient, running score moments) and the update itself."""
 
     def __init__(self, config: PPOConfig) -> None:
         self.config = config
         self.kl_ctl = make_kl_controller(config.adap_kl_ctrl, config.init_kl_coef, config.target, config.horizon)
         self.score_moments = RunningMoments()
-        self.stats = PPOStats()
+        self.stages = PPOStages(config, self.kl_ctl)
         self._state_before = self.state_dict()  # the PPO state as the current step found it (see _undo)
 
     # ------------------------------------------------------------------ checkpointed state
@@ -116,55 +99,63 @@ class PPOCore:
         """Update the policy on ``rollout`` scored ``raw_scores`` ([B]); returns the step's statistics."""
         ppo = self.config
         with fast_kernels(engine.policy, engine.reference.model, enabled=ppo.cpu_kernels, backward=True):
-            return self._step(engine, rollout, raw_scores, eos_token_id, step_index)
+            return self._step(engine, engine.stages or self.stages, rollout, raw_scores, eos_token_id, step_index)
 
-    def _step(self, engine: Engine, rollout: Rollout, raw_scores: torch.Tensor, eos_token_id: int | None,
-              step_index: int) -> StepOutput:
+    def _step(self, engine: Engine, stages: PPOStages, rollout: Rollout, raw_scores: torch.Tensor,
+              eos_token_id: int | None, step_index: int) -> StepOutput:
         ppo, timings = self.config, {}
         self._state_before = self.state_dict()
         start = time.perf_counter()
         scores = self.transform_scores(raw_scores, rollout, eos_token_id)
 
-        full = self._old_and_reference_logprobs(engine, rollout, timings)
+        full = self._old_and_reference_logprobs(engine, stages, rollout, timings)
         timings["time/ppo/forward_pass"] = time.perf_counter() - start
 
         tic = time.perf_counter()
-        mask = rollout.response_mask.to(rollout.logprobs.dtype)
-        rewards, non_score_rewards, kls = compute_rewards(
-            scores, rollout.logprobs, rollout.ref_logprobs, mask, self.kl_ctl.value, ppo.kl_penalty.value, *full
-        )
-        timings["time/ppo/compute_rewards"] = time.perf_counter() - tic
-        tic = time.perf_counter()
-        values, advantages, returns = compute_advantages(
-            rollout.values, rewards, mask, ppo.gamma, ppo.lam, ppo.whiten_rewards, distributed=True
-        )
-        rollout.values = values
-        self._check_finite(engine, step_index, scores, rollout, advantages, returns)
-        timings["time/ppo/compute_advantages"] = time.perf_counter() - tic
+        with torch.no_grad():
+            mask = rollout.train_mask
+            if full is None:
+                rewards, non_score_rewards, kls = stages.compute_rewards(
+                    scores, rollout.logprobs, rollout.ref_logprobs, mask)
+            else:
+                rewards, non_score_rewards, kls = stages.compute_rewards(scores, *full, mask)
+            timings["time/ppo/compute_rewards"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+            values, advantages, returns = stages.compute_advantages(rollout.values, rewards, mask)
+            rollout.values = values.float()
+            self._check_finite(engine, step_index, scores, rollout, advantages, returns)
+            timings["time/ppo/compute_advantages"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        ratios = self._optimize(engine, rollout, advantages, returns, step_index)
+        train_stats, skipped = self._optimize(engine, stages, rollout, advantages, returns, step_index)
         timings["time/ppo/optimize_step"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        kl_per_sample = (kls * mask).sum(1)
-        mean_kl = world_mean(kl_per_sample.mean())
-        if mean_kl.item() < -1.0:
+        kl_coef = self.kl_ctl.value
+        queries, responses = engine.samples or _unpadded(rollout)
+        stats = stages.record_step_stats(
+            kl_coef, scores=scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs,
+            non_score_reward=non_score_rewards, train_stats=train_stats, masks=mask, queries=queries,
+            responses=responses, kls=kls, raw_scores=raw_scores, skipped_batches=skipped,
+        )
+        if world_size() > 1:
+            stats = stages.gather_stats(stats)
+        mean_kl = float(stats["objective/kl"])
+        if mean_kl < -1.0:
             warnings.warn(
-                f"The KL ({ppo.kl_penalty.value} estimator) is negative: {mean_kl.item():.2f}. This can precede a "
+                f"The KL ({kl_kind(ppo.kl_penalty)} estimator) is negative: {mean_kl:.2f}. This can precede a "
                 "failed run; it often means the generation settings differ from the ones the log-probs assume "
                 "(e.g. top_k/top_p/min_new_tokens), or that the learning rate is too high.",
                 stacklevel=2,
             )
-        kl_coef = self.kl_ctl.value
-        self.kl_ctl.update(mean_kl.item(), ppo.batch_size * world_size())
-        stats = self._statistics(engine, rollout, raw_scores, scores, kl_per_sample, non_score_rewards, kl_coef)
+        stats["ppo/learning_rate"] = engine.optimizer.param_groups[0]["lr"]
+        self.kl_ctl.update(mean_kl, ppo.batch_size * world_size())
         if engine.scheduler is not None:
             engine.scheduler.step()
         timings["time/ppo/calc_stats"] = time.perf_counter() - tic
         timings["time/ppo/total"] = time.perf_counter() - start
         stats.update(timings)
-        return StepOutput(stats, rollout, scores, kls, advantages, ratios)
+        return StepOutput(scalar_stats(stats), stats, rollout, scores)
 
     def transform_scores(self, scores: torch.Tensor, rollout: Rollout, eos_token_id: int | None) -> torch.Tensor:
         """PPOv2's ``missing_eos_penalty``, then TRL's running score scaling/normalisation and clipping."""
@@ -186,51 +177,59 @@ class PPOCore:
         return scores
 
     @torch.no_grad()
-    def _old_and_reference_logprobs(self, engine: Engine, rollout: Rollout, timings: dict[str, float]) -> tuple:
-        """Fill the rollout's log-probs, values and reference log-probs, in chunks of ``mini_batch_size``.
+    def _old_and_reference_logprobs(self, engine: Engine, stages: PPOStages, rollout: Rollout,
+                                    timings: dict[str, float]) -> tuple | None:
+        """Fill the rollout's log-probs, values, reference log-probs and train mask, in chunks of ``mini_batch_size``.
 
         Chunks (TRL's forward batch size) bound the activations and logits held at once, whatever the rollout batch.
         Returns the full log-prob distributions when ``kl_penalty=full`` needs them.
         """
         ppo, size, reference = self.config, self.config.mini_batch_size, engine.reference
+        full = kl_kind(ppo.kl_penalty) == "full"
         engine.policy.eval()  # dropout off in every PPO pass (as TRL classic's passes and PPOv2)
         parts: list[tuple] = []
         timings["time/ppo/reference_forward"] = 0.0
         for begin in range(0, rollout.response_ids.shape[0], size):
             chunk = rollout.select(slice(begin, begin + size))
             with reference.capture(engine.policy):
-                policy_out = forward(engine.policy, chunk, engine.temperature)
+                logprobs, logits, values, mask = stages.rollout_forward(engine.policy, chunk, engine.temperature, full)
             tic = time.perf_counter()
             with reference.context():
-                ref_out = forward(reference.model, chunk, engine.temperature)
+                ref_logprobs, ref_logits, _, _ = stages.rollout_forward(reference.model, chunk, engine.temperature,
+                                                                        full)
             timings["time/ppo/reference_forward"] += time.perf_counter() - tic
-            part = (policy_out.logprobs, policy_out.values, ref_out.logprobs)
-            if ppo.kl_penalty == "full":
-                part += (policy_out.logits.float().log_softmax(-1), ref_out.logits.float().log_softmax(-1))
+            part = (logprobs, values, ref_logprobs, mask)
+            if full:
+                part += (logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1))
             parts.append(part)
-        columns = [torch.cat(column) for column in zip(*parts)]
-        rollout.logprobs, rollout.values, rollout.ref_logprobs = columns[:3]
-        return tuple(columns[3:]) or (None, None)
+        columns = [_cat_right_aligned(column) for column in zip(*parts)]
+        rollout.logprobs, rollout.values, rollout.ref_logprobs, rollout.train_mask = columns[:4]
+        rollout.values = rollout.values.float()
+        return tuple(columns[4:]) or None
 
-    def _optimize(self, engine: Engine, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
-                  step_index: int) -> torch.Tensor:
+    def _optimize(self, engine: Engine, stages: PPOStages, rollout: Rollout, advantages: torch.Tensor,
+                  returns: torch.Tensor, step_index: int) -> tuple[dict[str, torch.Tensor], int]:
         """``ppo_epochs`` passes of shuffled minibatches, one optimizer step per backward batch (TRL's loop), the
         step inside backward where that is exact (``ppo.optimizer_in_backward``).
 
-        Returns the probability ratios seen at the response tokens of every minibatch (for TRL's histogram)."""
-        ppo, ratios = self.config, []
+        Returns TRL's ``train_stats`` (the minibatches' statistics stacked; ``policy/advantages`` and ``policy/ratio``
+        at the trained tokens, for TRL's histograms) and the number of minibatches skipped by the ratio guard."""
+        ppo, ratios, all_stats = self.config, [], []
         in_backward = ppo.optimizer_in_backward and why_not(
             engine.optimizer, ppo.max_grad_norm, ppo.gradient_accumulation_steps, engine.local_gradients
         ) is None
         with optimizer_in_backward(engine.optimizer) if in_backward else contextlib.nullcontext():
-            skipped = self._epochs(engine, rollout, advantages, returns, step_index, ratios)
-        self.stats.update({"ppo/skipped_batches": float(skipped)})
-        return torch.cat(ratios)
+            skipped = self._epochs(engine, stages, rollout, advantages, returns, step_index, ratios, all_stats)
+        mask = rollout.train_mask.bool()
+        train_stats = stack_dicts(all_stats)
+        train_stats["policy/advantages"] = advantages[mask].unsqueeze(0)
+        train_stats["policy/ratio"] = torch.cat(ratios).unsqueeze(0)
+        return train_stats, skipped
 
     def _check_finite(self, engine: Engine, step_index: int, scores: torch.Tensor, rollout: Rollout,
                       advantages: torch.Tensor, returns: torch.Tensor) -> None:
         """Stop before the first optimizer step if what the update trains on holds NaN/inf (one device sync)."""
-        mask = rollout.response_mask.bool()
+        mask = rollout.train_mask.bool()
         per_token = {"policy log-probs": rollout.logprobs, "reference log-probs": rollout.ref_logprobs,
                      "values": rollout.values, "advantages": advantages, "returns": returns}
         per_sample = [(torch.isfinite(x) | ~mask).all(1) for x in per_token.values()]
@@ -254,14 +253,13 @@ class PPOCore:
         )
 
     def _undo(self, snapshot: UpdateSnapshot | None, optimizer: Any) -> None:
-        """Put the model, the optimizer and the PPO state (KL coefficient, score moments, statistics) back as this PPO
-        step found them: from ``snapshot`` if optimizer steps were taken, else by dropping accumulated gradients."""
+        """Put the model, the optimizer and the PPO state (KL coefficient, score moments) back as this PPO step found
+        them: from ``snapshot`` if optimizer steps were taken, else by dropping accumulated gradients."""
         if snapshot is not None:
             snapshot.restore()
         else:
             optimizer.zero_grad()
         self.load_state_dict(self._state_before)
-        self.stats.reset()
 
     def _failed(self, loss: torch.Tensor, where: str, applied: int, snapshot: UpdateSnapshot | None,
                 optimizer: Any) -> FloatingPointError:
@@ -280,9 +278,10 @@ class PPOCore:
             "ppo.learning_rate, set ppo.max_grad_norm, or check the reward for extreme values."
         )
 
-    def _epochs(self, engine: Engine, rollout: Rollout, advantages: torch.Tensor, returns: torch.Tensor,
-                step_index: int, ratios: list[torch.Tensor]) -> int:
-        """The minibatch loop of :meth:`_optimize`; appends to ``ratios``, returns the number of skipped batches.
+    def _epochs(self, engine: Engine, stages: PPOStages, rollout: Rollout, advantages: torch.Tensor,
+                returns: torch.Tensor, step_index: int, ratios: list[torch.Tensor], all_stats: list[dict]) -> int:
+        """The minibatch loop of :meth:`_optimize`; appends to ``ratios`` and ``all_stats``, returns the number of
+        skipped batches.
 
         A loss that is NaN/inf undoes the optimizer steps this PPO step took: when the step has more than one (and
         ``ppo.undo_failed_update``), the optimizer's weights and state are copied before the first
@@ -290,7 +289,6 @@ class PPOCore:
         """
         ppo, optimizer = self.config, engine.optimizer
         batch_size = rollout.response_ids.shape[0]
-        training_forward = compiled(forward) if ppo.compile else forward
         minibatches = -(-batch_size // ppo.mini_batch_size)
         updates = ppo.ppo_epochs * (minibatches // ppo.gradient_accumulation_steps)
         skipped, applied, snapshot = 0, 0, None
@@ -300,30 +298,21 @@ class PPOCore:
             for i, begin in enumerate(range(0, batch_size, ppo.mini_batch_size)):
                 index = order[begin : begin + ppo.mini_batch_size]
                 mini = rollout.select(index)
-                out = training_forward(engine.model, mini, engine.temperature)
-                with torch.no_grad():
-                    entropy = entropy_from_logits(out.logits)
-                pg_loss, vf_loss, stats = ppo_loss(
-                    mini.logprobs, mini.values, out.logprobs, out.values, mini.response_mask.to(out.values.dtype),
-                    advantages[index], returns[index], ppo.cliprange, ppo.cliprange_value, ppo.vf_coef, entropy,
+                logprobs, logits, vpreds, _ = stages.rollout_forward(engine.model, mini, engine.temperature, True)
+                width = mini.logprobs.shape[1]
+                logprobs, logits, vpreds = (_right_align(t, width) for t in (logprobs, logits, vpreds))
+                pg_loss, vf_loss, stats = stages.loss(
+                    mini.logprobs, mini.values, logits, vpreds.float(), logprobs, mini.train_mask,
+                    advantages[index], returns[index],
                 )
                 loss = pg_loss + vf_loss
-                ratios.append((out.logprobs.detach() - mini.logprobs).exp()[mini.response_mask.bool()])
+                ratios.append((logprobs.detach() - mini.logprobs).exp()[mini.train_mask.bool()])
                 if not torch.isfinite(loss):
                     where = f"PPO step {step_index} (PPO epoch {epoch + 1} of {ppo.ppo_epochs}, minibatch {i + 1} of "
                     raise self._failed(loss, f"{where}{minibatches})", applied, snapshot, optimizer)
                 if snapshot is None and updates > 1 and ppo.undo_failed_update:
                     snapshot = UpdateSnapshot(optimizer)  # before the first backward: it may step (in backward)
-                if stats["policy/ratio_mean"] > ppo.ratio_threshold:  # TRL: skip a batch whose ratio exploded
-                    warnings.warn(
-                        f"The average ratio of batch ({stats['policy/ratio_mean']:.2f}) exceeds threshold "
-                        f"{ppo.ratio_threshold:.2f}. Skipping batch.",
-                        stacklevel=2,
-                    )
-                    loss = loss * 0.0
-                    for key in ("loss/policy", "loss/value", "loss/total"):
-                        stats[key] = stats[key] * 0.0
-                    skipped += 1
+                skipped += int(float(stats.get("policy/ratio_mean", 0.0)) > ppo.ratio_threshold)
                 engine.backward(loss / ppo.gradient_accumulation_steps)
                 if (i + 1) % ppo.gradient_accumulation_steps == 0:
                     if ppo.max_grad_norm is not None:
@@ -335,38 +324,47 @@ class PPOCore:
                 # own cover the PPO step; Lightning's has the cache off): drop it, or the next minibatch runs on the
                 # weights before this update.
                 torch.clear_autocast_cache()
-                self.stats.update({f"ppo/{k}": v for k, v in stats.items()})
-            if ppo.early_stopping and world_mean(stats["policy/policykl"]) > 1.5 * ppo.target_kl:
+                all_stats.append({k: v for k, v in stats.items() if v.numel() == 1})  # arrays: not kept
+            if ppo.early_stopping and stages._early_stop(stats["policy/policykl"]):
                 optimizer.zero_grad()
                 break
         return skipped
 
-    def _statistics(self, engine: Engine, rollout: Rollout, raw_scores: torch.Tensor, scores: torch.Tensor,
-                    kl_per_sample: torch.Tensor, non_score_rewards: torch.Tensor, kl_coef: float) -> dict[str, float]:
-        """TRL classic's step statistics (means over minibatches and ranks), plus ``env/reward_*`` of the raw scores."""
-        mask = rollout.response_mask.to(rollout.logprobs.dtype)
-        ones = torch.ones_like(raw_scores)
-        log_ratio = rollout.ref_logprobs - rollout.logprobs
-        query_lens, response_lens = rollout.query_mask.sum(1).float(), mask.sum(1)
-        self.stats.update(
-            {
-                "objective/kl": kl_per_sample.mean(),
-                "objective/kl_k3": ((torch.expm1(log_ratio) - log_ratio) * mask).sum(1).mean(),
-                "objective/entropy": (-rollout.logprobs * mask).sum(1).mean(),
-                "objective/logprobs": masked_mean(rollout.logprobs, mask),
-                "objective/ref_logprobs": masked_mean(rollout.ref_logprobs, mask),
-                "ppo/mean_non_score_reward": masked_mean(non_score_rewards, mask),
-                "ppo/mean_scores": scores.mean(),
-                "tokens/queries_len_mean": query_lens.mean(),
-                "tokens/responses_len_mean": response_lens.mean(),
-            }
-        )
-        stats = self.stats.compute()
-        self.stats.reset()
-        stats["ppo/val/var_explained"] = 1 - stats["ppo/val/error"] / max(stats["ppo/returns/var"], 1e-8)
-        stats["env/reward_mean"] = float(masked_mean(raw_scores, ones, distributed=True))
-        stats["env/reward_std"] = float(masked_var(raw_scores, ones, distributed=True).sqrt())
-        stats["ppo/std_scores"] = float(masked_var(scores, ones, distributed=True).sqrt())
-        stats["objective/kl_coef"] = kl_coef
-        stats["ppo/learning_rate"] = engine.optimizer.param_groups[0]["lr"]
-        return stats
+
+def _cat_right_aligned(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Concatenate ``[b, w_i, ...]`` tensors along dim 0, left-padding the narrower ones with zeros: every forward
+    window ends at the last token, so columns line up from the right (all widths are equal unless a subclass lays
+    the inputs out otherwise)."""
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([_right_align(t, width) for t in tensors])
+
+
+def _right_align(tensor: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    if tensor is None or tensor.shape[1] == width:
+        return tensor
+    pad = torch.zeros(tensor.shape[0], width - tensor.shape[1], *tensor.shape[2:], dtype=tensor.dtype,
+                      device=tensor.device)
+    return torch.cat([pad, tensor], 1)
+
+
+def _unpadded(rollout: Rollout) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each row's query and response tokens without padding (responses: every generated token, EOS included)."""
+    out = []
+    for ids, mask in ((rollout.query_ids, rollout.query_mask), (rollout.response_ids, rollout.response_mask)):
+        present = mask.bool()
+        out.append(list(torch.split(ids[present], present.sum(1).tolist())))
+    return out[0], out[1]
+
+
+def scalar_stats(stats: dict[str, Any]) -> dict[str, float]:
+    """The one-number statistics as floats (one device sync for all tensors); arrays are left out."""
+    tensors = {k: v for k, v in stats.items() if isinstance(v, torch.Tensor) and v.numel() == 1}
+    out = {k: float(np.asarray(v).item()) for k, v in stats.items() if k not in tensors and _is_number(v)}
+    if tensors:
+        values = torch.stack([v.detach().reshape(()).double() for v in tensors.values()]).tolist()
+        out.update(zip(tensors, values))
+    return dict(sorted(out.items()))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, np.number)) or (isinstance(value, np.ndarray) and value.size == 1)

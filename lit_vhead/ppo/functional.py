@@ -17,8 +17,22 @@ import torch.distributed as dist
 KL_PENALTY_KINDS = ("kl", "abs", "mse", "full", "k3")
 
 
+def world_size() -> int:
+    """The number of processes (1 without an initialised process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def world_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of a scalar over all processes."""
+    if world_size() > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world_size()
+    return value
+
+
 def _is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
 
 
 def _as_weights(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -174,6 +188,26 @@ def kl_penalty(
     raise ValueError(f"Unknown KL penalty kind {kind!r}; valid kinds are {', '.join(map(repr, KL_PENALTY_KINDS))}.")
 
 
+def kl_rewards(
+    scores: torch.Tensor, kls: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token rewards from per-token KL estimates ``kls``: ``−kl_coef · kl`` everywhere, plus the sequence score
+    on the last response token.
+
+    ``scores`` is ``[B]``. The score lands on the last index where ``mask`` is 1 in each row, whatever the padding
+    side. Returns ``(rewards, non_score_rewards, kls)``, each ``[B, T]``. A row with no response token raises
+    ``ValueError`` (it has nowhere to put its score).
+    """
+    non_score_rewards = -kl_coef * kls
+    present = mask.bool()
+    if not present.any(dim=1).all():
+        raise ValueError("compute_rewards: every row needs at least one response token (mask == 1).")
+    positions = torch.arange(present.shape[1], device=present.device).expand_as(present)
+    last = torch.where(present, positions, -1).amax(dim=1, keepdim=True)
+    rewards = non_score_rewards.scatter_add(1, last, scores.to(non_score_rewards.dtype).unsqueeze(1))
+    return rewards, non_score_rewards, kls
+
+
 def compute_rewards(
     scores: torch.Tensor,
     logprobs: torch.Tensor,
@@ -184,21 +218,9 @@ def compute_rewards(
     logprobs_full: torch.Tensor | None = None,
     ref_logprobs_full: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token rewards: ``−kl_coef · kl`` everywhere, plus the sequence score on the last response token.
-
-    ``scores`` is ``[B]``. The score lands on the last index where ``mask`` is 1 in each row, whatever the padding
-    side. Returns ``(rewards, non_score_rewards, kls)``, each ``[B, T]``; ``kind`` and the ``*_full`` tensors are
-    as in :func:`kl_penalty`. A row with no response token raises ``ValueError`` (it has nowhere to put its score).
-    """
-    kls = kl_penalty(logprobs, ref_logprobs, kind, logprobs_full, ref_logprobs_full)
-    non_score_rewards = -kl_coef * kls
-    present = mask.bool()
-    if not present.any(dim=1).all():
-        raise ValueError("compute_rewards: every row needs at least one response token (mask == 1).")
-    positions = torch.arange(present.shape[1], device=present.device).expand_as(present)
-    last = torch.where(present, positions, -1).amax(dim=1, keepdim=True)
-    rewards = non_score_rewards.scatter_add(1, last, scores.to(non_score_rewards.dtype).unsqueeze(1))
-    return rewards, non_score_rewards, kls
+    """:func:`kl_rewards` of the :func:`kl_penalty` of ``kind`` (``*_full``: as there). Returns ``(rewards,
+    non_score_rewards, kls)``, each ``[B, T]``."""
+    return kl_rewards(scores, kl_penalty(logprobs, ref_logprobs, kind, logprobs_full, ref_logprobs_full), mask, kl_coef)
 
 
 def compute_advantages(
