@@ -36,11 +36,13 @@ from lit_vhead.builders import (
 )
 from lit_vhead.config import HeadConfig, PPOConfig, as_head_config, as_ppo_config
 from lit_vhead.data import check_prompt_batch, step_seed
+from lit_vhead.generation import HFGeneration, sampling_kwargs
+from lit_vhead.interfaces import GenerationBackend
 from lit_vhead.modeling import PreTrainedModelWrapper
 from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer
 from lit_vhead.reference import Reference, ReferenceConfig, shard_policy
 from lit_vhead.rewards import RewardInputs, RewardSource, as_reward_source, check_scores
-from lit_vhead.rollout import Rollout, generate
+from lit_vhead.rollout import Rollout
 
 
 class _DropLightningTips(logging.Filter):
@@ -95,6 +97,9 @@ class PPOModule(L.LightningModule):
         optimizer: ``fn(params) -> Optimizer``; default TRL's Adam at ``ppo.learning_rate``.
         scheduler: ``fn(optimizer) -> LRScheduler``, stepped once per PPO step.
         sample_table_every: log a table of prompts/responses/rewards every N PPO steps (0: never).
+        generation: the :class:`~lit_vhead.interfaces.GenerationBackend` that samples the rollouts; default
+            :class:`~lit_vhead.generation.HFGeneration` (the policy's own ``generate``). Its ``sync_weights`` runs
+            after each PPO update.
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class PPOModule(L.LightningModule):
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         sample_table_every: int = 10,
+        generation: GenerationBackend | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -131,6 +137,7 @@ class PPOModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.sample_table_every = sample_table_every
+        self.generation = generation or HFGeneration(self.ppo.cpu_kernels)
         self._reward_checked = False
         if self.ppo.log_with is not None:
             warnings.warn(
@@ -279,6 +286,7 @@ class PPOModule(L.LightningModule):
             and getattr(self.trainer.precision_plugin, "scaler", None) is None,
         )
         output = self.core.step(engine, rollout, scores, self.tokenizer.eos_token_id, step)
+        self.generation.sync_weights(self.policy)
         metrics = output.stats
         metrics["time/ppo/generation"] = generation_time
         metrics["ppo/step"] = float(step)
@@ -291,8 +299,9 @@ class PPOModule(L.LightningModule):
     def generate_rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
         """Sample one response per prompt (``batch``: ``query_ids``/``query_mask``). Override for your own sampling."""
         check_prompt_batch(batch, self.ppo.batch_size, left_padded=not self.is_encoder_decoder)
-        self.policy.eval()  # dropout off in rollouts
-        return generate(self.policy, batch, self.ppo.generation, self.tokenizer, self.ppo.cpu_kernels)
+        sampling = sampling_kwargs(self.ppo.generation, self.tokenizer)
+        return self.generation.generate(self.policy, batch["query_ids"], batch["query_mask"],
+                                        sampling["eos_token_id"], **sampling)
 
     def score_rollout(self, rollout: Rollout) -> torch.Tensor:
         """One score per sample ([B] tensor, or a list of B floats). Override to score with your own environment

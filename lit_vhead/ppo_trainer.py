@@ -56,7 +56,8 @@ from lit_vhead.accelerator import (
 )
 from lit_vhead.config import PPOConfig, as_ppo_config
 from lit_vhead.core import convert_to_scalar, set_seed, stats_to_np
-from lit_vhead.kernels import fast_kernels
+from lit_vhead.generation import HFGeneration
+from lit_vhead.interfaces import GenerationBackend
 from lit_vhead.modeling import PreTrainedModelWrapper
 from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer
 from lit_vhead.ppo.stages import PPOStages, training_compiled
@@ -82,6 +83,8 @@ class PPOTrainer(PPOStages):
         num_shared_layers: layers the default reference shares with the policy (frozen in both).
         lr_scheduler: stepped once per ``step``; ``.lr_scheduler.scheduler`` is it (accelerate's wrapper).
         training_data_collator: accepted for TRL compatibility; not needed (``prepare_model_inputs`` pads).
+        generation (lit_vhead's): the :class:`~lit_vhead.interfaces.GenerationBackend` of ``generate``; default
+            :class:`~lit_vhead.generation.HFGeneration`. Its ``sync_weights`` runs after each ``step``.
     """
 
     def __init__(
@@ -96,6 +99,8 @@ class PPOTrainer(PPOStages):
         num_shared_layers: int | None = None,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         training_data_collator: Callable | None = None,
+        *,
+        generation: GenerationBackend | None = None,
     ) -> None:
         self.config = config = as_ppo_config(config)
         set_seed(config.seed)  # as TRL: minibatch permutations and LengthSampler draw from numpy's global generator
@@ -149,6 +154,7 @@ class PPOTrainer(PPOStages):
         self.reference.follow(policy)
         self.lr_scheduler = None if lr_scheduler is None else AcceleratedScheduler(lr_scheduler)
         self.core = PPOCore(config)
+        self.generation = generation or HFGeneration(config.cpu_kernels)
         self.current_device = self.fabric.device
         self.current_step = 0  # log_stats calls (TRL's name); the loggers' step
         self.steps_done = 0  # PPO steps taken
@@ -282,30 +288,23 @@ class PPOTrainer(PPOStages):
         return response, self._sampling(self.reference.model, run)
 
     def _sampling(self, model: torch.nn.Module, run: Callable) -> Any:
-        was_training = model.training
-        model.eval()
-        try:
-            with self.fabric.autocast(), fast_kernels(unwrap(model), enabled=self.config.cpu_kernels):
-                return run(model)
-        finally:
-            model.train(was_training)
+        with self.fabric.autocast():
+            return run(model)
 
     def _generate_one(self, model: Any, query: torch.Tensor, return_prompt: bool, **kwargs: Any) -> torch.Tensor:
         input_ids = query.to(self.current_device).unsqueeze(0)
-        response = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        if not return_prompt and not self.is_encoder_decoder:
-            response = response[:, query.shape[0] :]
-        return response
+        rollout = self.generation.generate(model, input_ids, torch.ones_like(input_ids), **kwargs)
+        return _generated(rollout, return_prompt)[0].unsqueeze(0)
 
     def _generate_batched(self, model: Any, query_tensors: list[torch.Tensor], length_sampler: Callable | None = None,
                           batch_size: int = 4, return_prompt: bool = True, pad_to_multiple_of: int | None = None,
                           remove_padding: bool = True, **generation_kwargs: Any) -> list[torch.Tensor]:
         """TRL's batched sampling: ``batch_size`` queries at a time, padded (to a multiple of
-        ``pad_to_multiple_of``), each output cut after its first generated EOS when ``remove_padding``."""
+        ``pad_to_multiple_of``), each output cut after its first EOS (the tokenizer's) when ``remove_padding``."""
         outputs = []
-        eos = self.tokenizer.eos_token_id
         side = "right" if self.is_encoder_decoder else "left"
         batch_size = min(len(query_tensors), batch_size)
+        end = self.tokenizer.eos_token_id if remove_padding else None
         for begin in range(0, len(query_tensors), batch_size):
             if length_sampler is not None:
                 generation_kwargs["max_new_tokens"] = length_sampler()
@@ -316,16 +315,8 @@ class PPOTrainer(PPOStages):
             sides = (extra, 0) if side == "left" else (0, extra)
             input_ids = torch.nn.functional.pad(ids, sides, value=pad).to(self.current_device)
             mask = torch.nn.functional.pad(mask, sides, value=0).to(self.current_device)
-            generations = model.generate(input_ids=input_ids, attention_mask=mask, **generation_kwargs)
-            width = input_ids.shape[1]
-            for query, generation in zip(batch, generations):
-                if self.is_encoder_decoder:
-                    prompt, new = generation[:0], generation
-                else:
-                    prompt, new = generation[width - len(query) : width], generation[width:]
-                if remove_padding and eos is not None and (new == eos).any():
-                    new = new[: int((new == eos).nonzero()[0, 0]) + 1]  # keep the EOS
-                outputs.append(torch.cat([prompt, new]) if return_prompt else new)
+            rollout = self.generation.generate(model, input_ids, mask, end, **generation_kwargs)
+            outputs.extend(_generated(rollout, return_prompt))
         return outputs
 
     # ------------------------------------------------------------------ one PPO step
@@ -373,6 +364,7 @@ class PPOTrainer(PPOStages):
                                         self.steps_done)
         finally:
             self._batch = None
+        self.generation.sync_weights(self.model)
         self.model.train()  # as TRL leaves it
         self.steps_done += 1
         stats = stats_to_np(output.raw_stats)
@@ -612,6 +604,20 @@ class PPOTrainer(PPOStages):
         """Restore what :meth:`save_state` wrote into this trainer (same model, optimizer and PEFT settings); all of
         it is read and checked before anything changes."""
         load_trainer_state(self, directory)
+
+
+def _generated(rollout: Rollout, with_prompt: bool) -> list[torch.Tensor]:
+    """What TRL's ``generate`` returns per row: causal ``[query | response]`` (or the response alone), seq2seq
+    ``[decoder start | response]``; each response up to its ``response_mask``'s end."""
+    outputs = []
+    for row in range(rollout.response_ids.shape[0]):
+        response = rollout.response_ids[row, : int(rollout.response_mask[row].sum())]
+        if rollout.is_encoder_decoder:
+            response = torch.cat([rollout.decoder_start[row], response])
+        elif with_prompt:
+            response = torch.cat([rollout.query_ids[row][rollout.query_mask[row].bool()], response])
+        outputs.append(response)
+    return outputs
 
 
 def _check_token_ids(name: str, values: Sequence, vocab: int) -> None:
