@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from lit_vhead.config import SamplingConfig
 from lit_vhead.kernels import fast_kernels
 from lit_vhead.rollout import Rollout
+
+if TYPE_CHECKING:
+    from lit_vhead.config import SamplingConfig
 
 
 def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:

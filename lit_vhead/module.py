@@ -24,7 +24,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lit_vhead.builders import (
     build_policy,
@@ -36,11 +35,12 @@ from lit_vhead.builders import (
 )
 from lit_vhead.config import HeadConfig, PPOConfig, as_head_config, as_ppo_config
 from lit_vhead.data import check_prompt_batch, step_seed
+from lit_vhead.distributed import gradients_are_local, shard_policy
 from lit_vhead.generation import HFGeneration, sampling_kwargs
-from lit_vhead.interfaces import GenerationBackend
+from lit_vhead.interfaces import GenerationBackend, trainable_parameters
 from lit_vhead.modeling import PreTrainedModelWrapper
-from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer
-from lit_vhead.reference import Reference, ReferenceConfig, shard_policy
+from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer, prepare_models
+from lit_vhead.reference import Reference, ReferenceConfig
 from lit_vhead.rewards import RewardInputs, RewardSource, as_reward_source, check_scores
 from lit_vhead.rollout import Rollout
 
@@ -232,7 +232,7 @@ class PPOModule(L.LightningModule):
         if self.ppo.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.policy.train()
-        ref = self.ref or ReferenceConfig(mode="peft" if self.policy.is_peft_model else "copy")
+        ref = self.ref or ReferenceConfig.default_for(self.policy)
         self.__dict__["reference"] = ref.build(self.policy)
         self._reference_sum = reference_fingerprint(self.reference)
         if self.device_mesh is not None:  # ModelParallelStrategy (FSDP2): shard the policy, after the copy
@@ -241,15 +241,14 @@ class PPOModule(L.LightningModule):
             shard_policy(self.policy, self.device_mesh["data_parallel"])
 
     def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params = trainable_parameters(self.policy)
         optimizer = (self.optimizer_factory or default_optimizer(self.ppo.learning_rate))(params)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_fit_start(self) -> None:
-        self.policy.v_head.float()  # the head stays fp32 under bf16-true/16-true (values and losses are fp32)
-        self.reference.follow(self.policy)
+        prepare_models(self.policy, self.reference)
         if self.reward is not None:
             self.reward.setup(self.policy, self.tokenizer, self.device)
 
@@ -282,8 +281,7 @@ class PPOModule(L.LightningModule):
             order=lambda n: torch.randperm(n, generator=generator),
             scheduler=self.lr_schedulers(),
             temperature=self.ppo.generation.temperature,
-            local_gradients=isinstance(self.trainer.strategy, SingleDeviceStrategy)
-            and getattr(self.trainer.precision_plugin, "scaler", None) is None,
+            local_gradients=gradients_are_local(self.trainer.strategy, self.trainer.precision_plugin),
         )
         output = self.core.step(engine, rollout, scores, self.tokenizer.eos_token_id, step)
         self.generation.sync_weights(self.policy)

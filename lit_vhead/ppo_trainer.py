@@ -42,7 +42,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -56,10 +55,11 @@ from lit_vhead.accelerator import (
 )
 from lit_vhead.config import PPOConfig, as_ppo_config
 from lit_vhead.core import convert_to_scalar, set_seed, stats_to_np
+from lit_vhead.distributed import gradients_are_local
 from lit_vhead.generation import HFGeneration
-from lit_vhead.interfaces import GenerationBackend
+from lit_vhead.interfaces import GenerationBackend, trainable_parameters
 from lit_vhead.modeling import PreTrainedModelWrapper
-from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer
+from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer, prepare_models
 from lit_vhead.ppo.stages import PPOStages, training_compiled
 from lit_vhead.reference import Reference, ReferenceConfig
 from lit_vhead.rollout import Rollout, forward_window
@@ -146,12 +146,11 @@ class PPOTrainer(PPOStages):
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         if optimizer is None:
-            optimizer = default_optimizer(config.learning_rate)([p for p in policy.parameters() if p.requires_grad])
+            optimizer = default_optimizer(config.learning_rate)(trainable_parameters(policy))
         self._wrapped, self.optimizer = self.fabric.setup(policy, optimizer)
         self._wrapped.mark_forward_method("forward_with_values")  # DDP's gradient hooks see the PPO forward
         self.model = policy
-        policy.v_head.float()  # values and losses in fp32 under any precision
-        self.reference.follow(policy)
+        prepare_models(policy, self.reference)
         self.lr_scheduler = None if lr_scheduler is None else AcceleratedScheduler(lr_scheduler)
         self.core = PPOCore(config)
         self.generation = generation or HFGeneration(config.cpu_kernels)
@@ -184,10 +183,7 @@ class PPOTrainer(PPOStages):
                     stacklevel=3,
                 )
             return Reference.from_model(unwrap(ref_model))
-        if policy.is_peft_model:
-            return ReferenceConfig(mode="peft").build(policy)
-        mode = "copy" if num_shared_layers is None else "shared"
-        return ReferenceConfig(mode=mode, num_shared_layers=num_shared_layers, reuse_trunk=reuse_trunk).build(policy)
+        return ReferenceConfig.default_for(policy, num_shared_layers, reuse_trunk).build(policy)
 
     def _log_config(self) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -352,8 +348,7 @@ class PPOTrainer(PPOStages):
             order=lambda n: np.random.permutation(n),  # TRL's draw: same seed, same minibatches
             scheduler=self.lr_scheduler,
             temperature=1.0,  # TRL classic scores the sampled tokens under the untempered policy
-            local_gradients=isinstance(self.fabric.strategy, SingleDeviceStrategy)
-            and getattr(self.fabric.strategy.precision, "scaler", None) is None,
+            local_gradients=gradients_are_local(self.fabric.strategy, self.fabric.strategy.precision),
             stages=self,
             samples=(queries, responses),
         )

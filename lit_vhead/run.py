@@ -25,9 +25,10 @@ from lit_vhead.callbacks import SavePretrained
 from lit_vhead.checkpoint import CheckpointError
 from lit_vhead.cli import check_group_keys
 from lit_vhead.config import as_ppo_config
+from lit_vhead.layers import shared_parameter_names
 from lit_vhead.loggers import CSVLogger, WandbLogger
 from lit_vhead.module import PPOModule
-from lit_vhead.reference import ReferenceConfig, shared_parameter_names
+from lit_vhead.reference import ReferenceConfig
 from lit_vhead.resume import RUN_CONFIG_KEY, SaveRunConfig, command_overrides, plain, resumed_config, write_run_config
 from lit_vhead.rewards import RewardAdapter, check_reward_targets
 from lit_vhead.rundir import (
