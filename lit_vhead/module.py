@@ -26,11 +26,11 @@ import lightning as L
 import torch
 
 from lit_vhead.builders import (
+    ModelSource,
     build_policy,
-    check_model_source,
     check_tokenizer,
     check_vocabulary,
-    model_config_of,
+    resolve_model_source,
     wrap_policy,
 )
 from lit_vhead.config import HeadConfig, PPOConfig, as_head_config, as_ppo_config
@@ -146,12 +146,10 @@ class PPOModule(L.LightningModule):
                 stacklevel=2,
             )
         self.policy: PreTrainedModelWrapper | None = None
-        self.policy_source: Any = None  # a path or model config mapping, built in configure_model
-        if isinstance(policy, (str, os.PathLike, Mapping)):
-            self.policy_source = os.fspath(policy) if isinstance(policy, os.PathLike) else policy
-            spec = self.policy_source if isinstance(self.policy_source, Mapping) else {"name_or_path": policy}
-            check_model_source(spec)
-            self.model_config = model_config_of(spec)
+        self.policy_source: ModelSource | None = None
+        if isinstance(policy, (str, os.PathLike, Mapping, ModelSource)):
+            self.policy_source = resolve_model_source(policy)  # built in configure_model
+            self.model_config = self.policy_source.config
         else:
             self.policy = wrap_policy(policy, head, peft, self._reward_adapter)
             self.model_config = self.policy.config

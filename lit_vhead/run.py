@@ -20,7 +20,7 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from lit_vhead.builders import build_tokenizer, check_model_source, model_config_of, value_head_class
+from lit_vhead.builders import build_tokenizer, resolve_model_source, value_head_class
 from lit_vhead.callbacks import SavePretrained
 from lit_vhead.checkpoint import CheckpointError
 from lit_vhead.cli import check_group_keys
@@ -170,14 +170,14 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     check_group_keys(cfg)
     ppo = as_ppo_config(cfg.ppo)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    check_model_source(model_cfg)
+    source = resolve_model_source(model_cfg)  # checked and its config read once for the whole run
     ref = _instantiate(cfg.ref)
     if "stage_3" in str(cfg.trainer.get("strategy")) and ref.mode != "peft":
         raise ValueError(
             f"ref.mode={ref.mode} cannot be built under DeepSpeed ZeRO-3 (the policy's weights are sharded); "
             "use ref=peft with peft=lora, or trainer=deepspeed (ZeRO-2)."
         )
-    _check_reference(model_cfg, model_config_of(model_cfg), ref)
+    _check_reference(model_cfg, source.config, ref)
     _check_precision(cfg.trainer)
     if cfg.get("save_pretrained_dir"):
         check_writable_dir(cfg.save_pretrained_dir, "save_pretrained_dir")
@@ -190,7 +190,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         )
     tokenizer = build_tokenizer(model_cfg)
     module = PPOModule(
-        policy=model_cfg,
+        policy=source,
         tokenizer=tokenizer,
         reward=reward,
         ppo=ppo,

@@ -5,7 +5,7 @@ satisfied by the value-head models."""
 
 import lightning as L
 import torch
-from conftest import ROOT, tiny_hf_model
+from conftest import FAST, ROOT, compose, tiny_hf_model
 
 import lit_vhead
 from lit_vhead import (
@@ -97,3 +97,22 @@ def test_interfaces_import_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
     assert lit_vhead.interfaces.GenerationBackend is GenerationBackend
+
+
+def test_the_cli_path_checks_and_reads_the_model_source_once(tmp_path, monkeypatch):
+    """``python train.py``: the model source is checked and its config read once (``resolve_model_source``), then
+    handed on, not looked up again by PPOModule and build_policy."""
+    import lit_vhead.builders as builders
+    from lit_vhead.run import train
+
+    calls = {"check_model_source": 0, "model_config_of": 0}
+    for name in calls:
+        original = getattr(builders, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(builders, name, counted)
+    train(compose(FAST + ["ppo.steps=1"], tmp_path))
+    assert calls == {"check_model_source": 1, "model_config_of": 1}
