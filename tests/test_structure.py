@@ -8,8 +8,14 @@ import torch
 from conftest import FAST, ROOT, compose, tiny_hf_model
 
 import lit_vhead
-from lit_vhead import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PPOConfig, PPOModule
-from lit_vhead import PPOTrainer, PromptDataModule
+from lit_vhead import (
+    AutoModelForCausalLMWithValueHead,
+    AutoModelForSeq2SeqLMWithValueHead,
+    PPOConfig,
+    PPOModule,
+    PPOTrainer,
+    PromptDataModule,
+)
 from lit_vhead.generation import HFGeneration
 from lit_vhead.interfaces import GenerationBackend, Policy, ReferenceModel, ValueFunction, trainable_parameters
 from lit_vhead.reference import ReferenceConfig
