@@ -13,7 +13,7 @@ _EXPORTS = {
     "AutoModelForSeq2SeqLMWithValueHead": "lit_vhead.modeling",
     "PreTrainedModelWrapper": "lit_vhead.modeling",
     "PPOConfig": "lit_vhead.config",
-    "LAYER_PATTERNS": "lit_vhead.reference",
+    "LAYER_PATTERNS": "lit_vhead.layers",
     "ReferenceConfig": "lit_vhead.reference",
     "create_reference_model": "lit_vhead.reference",
     "ValueHead": "lit_vhead.value_head",

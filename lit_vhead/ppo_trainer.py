@@ -42,7 +42,6 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -56,9 +55,11 @@ from lit_vhead.accelerator import (
 )
 from lit_vhead.config import PPOConfig, as_ppo_config
 from lit_vhead.core import convert_to_scalar, set_seed, stats_to_np
-from lit_vhead.kernels import fast_kernels
+from lit_vhead.distributed import gradients_are_local
+from lit_vhead.generation import HFGeneration
+from lit_vhead.interfaces import GenerationBackend, trainable_parameters
 from lit_vhead.modeling import PreTrainedModelWrapper
-from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer
+from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer, prepare_models
 from lit_vhead.ppo.stages import PPOStages, training_compiled
 from lit_vhead.reference import Reference, ReferenceConfig
 from lit_vhead.rollout import Rollout, forward_window
@@ -82,6 +83,8 @@ class PPOTrainer(PPOStages):
         num_shared_layers: layers the default reference shares with the policy (frozen in both).
         lr_scheduler: stepped once per ``step``; ``.lr_scheduler.scheduler`` is it (accelerate's wrapper).
         training_data_collator: accepted for TRL compatibility; not needed (``prepare_model_inputs`` pads).
+        generation (lit_vhead's): the :class:`~lit_vhead.interfaces.GenerationBackend` of ``generate``; default
+            :class:`~lit_vhead.generation.HFGeneration`. Its ``sync_weights`` runs after each ``step``.
     """
 
     def __init__(
@@ -96,6 +99,8 @@ class PPOTrainer(PPOStages):
         num_shared_layers: int | None = None,
         lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
         training_data_collator: Callable | None = None,
+        *,
+        generation: GenerationBackend | None = None,
     ) -> None:
         self.config = config = as_ppo_config(config)
         set_seed(config.seed)  # as TRL: minibatch permutations and LengthSampler draw from numpy's global generator
@@ -141,14 +146,14 @@ class PPOTrainer(PPOStages):
         if config.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         if optimizer is None:
-            optimizer = default_optimizer(config.learning_rate)([p for p in policy.parameters() if p.requires_grad])
+            optimizer = default_optimizer(config.learning_rate)(trainable_parameters(policy))
         self._wrapped, self.optimizer = self.fabric.setup(policy, optimizer)
         self._wrapped.mark_forward_method("forward_with_values")  # DDP's gradient hooks see the PPO forward
         self.model = policy
-        policy.v_head.float()  # values and losses in fp32 under any precision
-        self.reference.follow(policy)
+        prepare_models(policy, self.reference)
         self.lr_scheduler = None if lr_scheduler is None else AcceleratedScheduler(lr_scheduler)
         self.core = PPOCore(config)
+        self.generation = generation or HFGeneration(config.cpu_kernels)
         self.current_device = self.fabric.device
         self.current_step = 0  # log_stats calls (TRL's name); the loggers' step
         self.steps_done = 0  # PPO steps taken
@@ -178,10 +183,7 @@ class PPOTrainer(PPOStages):
                     stacklevel=3,
                 )
             return Reference.from_model(unwrap(ref_model))
-        if policy.is_peft_model:
-            return ReferenceConfig(mode="peft").build(policy)
-        mode = "copy" if num_shared_layers is None else "shared"
-        return ReferenceConfig(mode=mode, num_shared_layers=num_shared_layers, reuse_trunk=reuse_trunk).build(policy)
+        return ReferenceConfig.default_for(policy, num_shared_layers, reuse_trunk).build(policy)
 
     def _log_config(self) -> None:
         from lightning.pytorch.loggers import TensorBoardLogger
@@ -282,30 +284,23 @@ class PPOTrainer(PPOStages):
         return response, self._sampling(self.reference.model, run)
 
     def _sampling(self, model: torch.nn.Module, run: Callable) -> Any:
-        was_training = model.training
-        model.eval()
-        try:
-            with self.fabric.autocast(), fast_kernels(unwrap(model), enabled=self.config.cpu_kernels):
-                return run(model)
-        finally:
-            model.train(was_training)
+        with self.fabric.autocast():
+            return run(model)
 
     def _generate_one(self, model: Any, query: torch.Tensor, return_prompt: bool, **kwargs: Any) -> torch.Tensor:
         input_ids = query.to(self.current_device).unsqueeze(0)
-        response = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        if not return_prompt and not self.is_encoder_decoder:
-            response = response[:, query.shape[0] :]
-        return response
+        rollout = self.generation.generate(model, input_ids, torch.ones_like(input_ids), **kwargs)
+        return _generated(rollout, return_prompt)[0].unsqueeze(0)
 
     def _generate_batched(self, model: Any, query_tensors: list[torch.Tensor], length_sampler: Callable | None = None,
                           batch_size: int = 4, return_prompt: bool = True, pad_to_multiple_of: int | None = None,
                           remove_padding: bool = True, **generation_kwargs: Any) -> list[torch.Tensor]:
         """TRL's batched sampling: ``batch_size`` queries at a time, padded (to a multiple of
-        ``pad_to_multiple_of``), each output cut after its first generated EOS when ``remove_padding``."""
+        ``pad_to_multiple_of``), each output cut after its first EOS (the tokenizer's) when ``remove_padding``."""
         outputs = []
-        eos = self.tokenizer.eos_token_id
         side = "right" if self.is_encoder_decoder else "left"
         batch_size = min(len(query_tensors), batch_size)
+        end = self.tokenizer.eos_token_id if remove_padding else None
         for begin in range(0, len(query_tensors), batch_size):
             if length_sampler is not None:
                 generation_kwargs["max_new_tokens"] = length_sampler()
@@ -316,16 +311,8 @@ class PPOTrainer(PPOStages):
             sides = (extra, 0) if side == "left" else (0, extra)
             input_ids = torch.nn.functional.pad(ids, sides, value=pad).to(self.current_device)
             mask = torch.nn.functional.pad(mask, sides, value=0).to(self.current_device)
-            generations = model.generate(input_ids=input_ids, attention_mask=mask, **generation_kwargs)
-            width = input_ids.shape[1]
-            for query, generation in zip(batch, generations):
-                if self.is_encoder_decoder:
-                    prompt, new = generation[:0], generation
-                else:
-                    prompt, new = generation[width - len(query) : width], generation[width:]
-                if remove_padding and eos is not None and (new == eos).any():
-                    new = new[: int((new == eos).nonzero()[0, 0]) + 1]  # keep the EOS
-                outputs.append(torch.cat([prompt, new]) if return_prompt else new)
+            rollout = self.generation.generate(model, input_ids, mask, end, **generation_kwargs)
+            outputs.extend(_generated(rollout, return_prompt))
         return outputs
 
     # ------------------------------------------------------------------ one PPO step
@@ -361,8 +348,7 @@ class PPOTrainer(PPOStages):
             order=lambda n: np.random.permutation(n),  # TRL's draw: same seed, same minibatches
             scheduler=self.lr_scheduler,
             temperature=1.0,  # TRL classic scores the sampled tokens under the untempered policy
-            local_gradients=isinstance(self.fabric.strategy, SingleDeviceStrategy)
-            and getattr(self.fabric.strategy.precision, "scaler", None) is None,
+            local_gradients=gradients_are_local(self.fabric.strategy, self.fabric.strategy.precision),
             stages=self,
             samples=(queries, responses),
         )
@@ -373,6 +359,7 @@ class PPOTrainer(PPOStages):
                                         self.steps_done)
         finally:
             self._batch = None
+        self.generation.sync_weights(self.model)
         self.model.train()  # as TRL leaves it
         self.steps_done += 1
         stats = stats_to_np(output.raw_stats)
@@ -612,6 +599,20 @@ class PPOTrainer(PPOStages):
         """Restore what :meth:`save_state` wrote into this trainer (same model, optimizer and PEFT settings); all of
         it is read and checked before anything changes."""
         load_trainer_state(self, directory)
+
+
+def _generated(rollout: Rollout, with_prompt: bool) -> list[torch.Tensor]:
+    """What TRL's ``generate`` returns per row: causal ``[query | response]`` (or the response alone), seq2seq
+    ``[decoder start | response]``; each response up to its ``response_mask``'s end."""
+    outputs = []
+    for row in range(rollout.response_ids.shape[0]):
+        response = rollout.response_ids[row, : int(rollout.response_mask[row].sum())]
+        if rollout.is_encoder_decoder:
+            response = torch.cat([rollout.decoder_start[row], response])
+        elif with_prompt:
+            response = torch.cat([rollout.query_ids[row][rollout.query_mask[row].bool()], response])
+        outputs.append(response)
+    return outputs
 
 
 def _check_token_ids(name: str, values: Sequence, vocab: int) -> None:

@@ -20,15 +20,16 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from lit_vhead.builders import build_tokenizer, check_model_source, model_config_of, value_head_class
+from lit_vhead.builders import build_tokenizer, resolve_model_source, value_head_class
 from lit_vhead.callbacks import SavePretrained
 from lit_vhead.checkpoint import CheckpointError
 from lit_vhead.cli import check_group_keys
 from lit_vhead.config import as_ppo_config
+from lit_vhead.layers import shared_parameter_names
 from lit_vhead.loggers import CSVLogger, WandbLogger
 from lit_vhead.module import PPOModule
 from lit_vhead.noise import quiet
-from lit_vhead.reference import ReferenceConfig, shared_parameter_names
+from lit_vhead.reference import ReferenceConfig
 from lit_vhead.resume import RUN_CONFIG_KEY, SaveRunConfig, command_overrides, plain, resumed_config, write_run_config
 from lit_vhead.rewards import RewardAdapter, check_reward_targets
 from lit_vhead.rundir import (
@@ -170,14 +171,14 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     check_group_keys(cfg)
     ppo = as_ppo_config(cfg.ppo)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    check_model_source(model_cfg)
+    source = resolve_model_source(model_cfg)  # checked and its config read once for the whole run
     ref = _instantiate(cfg.ref)
     if "stage_3" in str(cfg.trainer.get("strategy")) and ref.mode != "peft":
         raise ValueError(
             f"ref.mode={ref.mode} cannot be built under DeepSpeed ZeRO-3 (the policy's weights are sharded); "
             "use ref=peft with peft=lora, or trainer=deepspeed (ZeRO-2)."
         )
-    _check_reference(model_cfg, model_config_of(model_cfg), ref)
+    _check_reference(model_cfg, source.config, ref)
     _check_precision(cfg.trainer)
     if cfg.get("save_pretrained_dir"):
         check_writable_dir(cfg.save_pretrained_dir, "save_pretrained_dir")
@@ -190,7 +191,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         )
     tokenizer = build_tokenizer(model_cfg)
     module = PPOModule(
-        policy=model_cfg,
+        policy=source,
         tokenizer=tokenizer,
         reward=reward,
         ppo=ppo,
