@@ -93,3 +93,21 @@ def test_python_users_keep_trls_fields():
                        tracker_project_name="p", tracker_kwargs={"wandb": {}}, accelerator_kwargs={"cpu": True},
                        remove_unused_columns=False)
     assert (config.model_name, config.exp_name, config.accelerator_kwargs) == ("m", "e", {"cpu": True})
+
+
+@pytest.mark.slow
+def test_train_py_help_shows_only_the_ppo_settings_it_honours(tmp_path):
+    from test_train import run_cli
+
+    result = run_cli(["--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    start = lines.index("ppo:")
+    block = []
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):
+            break
+        if not line.startswith("    "):
+            block.append(line.strip().split(":")[0])
+    honoured = {f.name for f in dataclasses.fields(PPOConfig)} - set(TRAINER_ONLY) - set(DERIVED)
+    assert set(block) == honoured

@@ -45,6 +45,7 @@ def test_a_load_that_fails_leaves_transformers_as_it_was(saved, tmp_path):
     from safetensors.torch import save_file
 
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(Exception):  # noqa: B017 (whatever transformers raises for it)
+    with pytest.raises(Exception) as failure:  # noqa: B017 (whatever transformers raises for it)
         AutoModelForCausalLMWithValueHead.from_pretrained(tmp_path)
+    assert any("modeling_utils" in str(entry.path) for entry in failure.traceback)  # raised inside the hook's block
     assert PreTrainedModel.__dict__[HOOK] is original
