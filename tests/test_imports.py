@@ -189,11 +189,12 @@ def test_importing_any_module_leaves_warning_filters_and_logging_as_they_were(im
 
 def test_the_models_and_the_config_import_no_lightning_hydra_omegaconf_or_peft():
     """``import lit_vhead``, ``lit_vhead.modeling``, ``lit_vhead.config`` and the names a TRL script imports (through
-    ``lit_vhead``'s lazy attributes), in one fresh process: none of them brings these."""
+    ``lit_vhead``'s lazy attributes), in one fresh process: none of them brings these (``lit_vhead`` and the PPO math
+    not even transformers)."""
     line = run_python(
         "import sys, json\n"
-        "import lit_vhead\n"
-        "heavy = [sorted(m for m in ('lightning', 'hydra', 'omegaconf', 'peft') if m in sys.modules)]\n"
+        "import lit_vhead, lit_vhead.ppo\n"  # the PPO math: torch alone
+        "heavy = [sorted(m for m in ('lightning', 'hydra', 'omegaconf', 'peft', 'transformers') if m in sys.modules)]\n"
         "import lit_vhead.modeling, lit_vhead.config\n"
         "from lit_vhead import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, PPOConfig\n"
         "heavy.append(sorted(m for m in ('lightning', 'hydra', 'omegaconf', 'peft') if m in sys.modules))\n"
