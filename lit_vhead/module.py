@@ -39,26 +39,12 @@ from lit_vhead.generation import HFGeneration, sampling_kwargs
 from lit_vhead.interfaces import GenerationBackend, trainable_parameters
 from lit_vhead.modeling import PreTrainedModelWrapper
 from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer, prepare_models
-from lit_vhead.reference import Reference, ReferenceConfig
-from lit_vhead.rewards import RewardInputs, RewardSource, as_reward_source, check_scores
+from lit_vhead.reference import Reference, ReferenceConfig, as_reference_config, reference_fingerprint
+from lit_vhead.rewards import RewardSource, as_reward_source, check_scores, reward_inputs
 from lit_vhead.rollout import Rollout
 
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 _LIGHTNING_DEFAULT_LOG_EVERY = 50
-
-
-def as_reference_config(ref: Any) -> ReferenceConfig | None:
-    """A ``ReferenceConfig`` from a config, a mode string (``"copy"``, ``"shared"``, ``"peft"``), a dict or None."""
-    if ref is None or isinstance(ref, ReferenceConfig):
-        return ref
-    if isinstance(ref, str):
-        return ReferenceConfig(mode=ref)
-    if isinstance(ref, Mapping):
-        return ReferenceConfig(**ref)
-    raise TypeError(
-        "ref must be None (a frozen copy), a mode 'copy'/'shared'/'peft', a dict such as {'mode': 'shared', "
-        f"'num_shared_layers': 1}}, or a lit_vhead.ReferenceConfig; got {type(ref).__name__} {ref!r}."
-    )
 
 
 class PPOModule(L.LightningModule):
@@ -331,30 +317,3 @@ class PPOModule(L.LightningModule):
                 "initial model (the same checkpoint, or torch.manual_seed(...) before building a random one)."
             )
         self.core.load_state_dict(state)
-
-
-def reference_fingerprint(reference: Reference) -> float | None:
-    """A float64 sum of the reference's language-model weights (not its value head: the KL never reads it), so a
-    resumed run can tell that it rebuilt the reference its checkpoint trained against. None for ``peft`` references
-    (their base weights come back with the checkpoint) and for weights not materialised yet (meta tensors)."""
-    params = [p for n, p in reference.model.named_parameters() if not n.startswith("v_head.")]
-    if reference.mode == "peft" or any(p.is_meta for p in params):
-        return None
-    with torch.no_grad():  # in chunks: a float64 copy of a whole embedding matrix would raise peak memory
-        return float(sum(c.sum(dtype=torch.float64).item() for p in params for c in p.reshape(-1).split(1 << 18)))
-
-
-def reward_inputs(rollout: Rollout, tokenizer: Any) -> RewardInputs:
-    """The rollout as text and token ids, as reward sources take it."""
-    query_ids = [q[m.bool()].tolist() for q, m in zip(rollout.query_ids, rollout.query_mask)]
-    response_ids = [r[m.bool()].tolist() for r, m in zip(rollout.response_ids, rollout.response_mask)]
-    input_ids, attention_mask = rollout.full_sequence()
-    return RewardInputs(
-        prompts=tokenizer.batch_decode(query_ids, skip_special_tokens=True),
-        responses=tokenizer.batch_decode(response_ids, skip_special_tokens=True),
-        query_ids=query_ids,
-        response_ids=response_ids,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-    )
-

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,3 +234,28 @@ class ReferenceConfig:
         reuse = self.reuse_trunk and self.mode == "shared"
         trunk = tuple(layer_module_names(policy, layers, self.pattern)) if reuse else ()
         return Reference(reference, self.mode, trunk=trunk)
+
+
+def as_reference_config(ref: Any) -> ReferenceConfig | None:
+    """A ``ReferenceConfig`` from a config, a mode string (``"copy"``, ``"shared"``, ``"peft"``), a dict or None."""
+    if ref is None or isinstance(ref, ReferenceConfig):
+        return ref
+    if isinstance(ref, str):
+        return ReferenceConfig(mode=ref)
+    if isinstance(ref, Mapping):
+        return ReferenceConfig(**ref)
+    raise TypeError(
+        "ref must be None (a frozen copy), a mode 'copy'/'shared'/'peft', a dict such as {'mode': 'shared', "
+        f"'num_shared_layers': 1}}, or a lit_vhead.ReferenceConfig; got {type(ref).__name__} {ref!r}."
+    )
+
+
+def reference_fingerprint(reference: Reference) -> float | None:
+    """A float64 sum of the reference's language-model weights (not its value head: the KL never reads it), so a
+    resumed run can tell that it rebuilt the reference its checkpoint trained against. None for ``peft`` references
+    (their base weights come back with the checkpoint) and for weights not materialised yet (meta tensors)."""
+    params = [p for n, p in reference.model.named_parameters() if not n.startswith("v_head.")]
+    if reference.mode == "peft" or any(p.is_meta for p in params):
+        return None
+    with torch.no_grad():  # in chunks: a float64 copy of a whole embedding matrix would raise peak memory
+        return float(sum(c.sum(dtype=torch.float64).item() for p in params for c in p.reshape(-1).split(1 << 18)))

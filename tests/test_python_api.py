@@ -33,8 +33,7 @@ from lit_vhead import (
 from lit_vhead.builders import ModelNotFoundError
 from lit_vhead.data import collate_prompts
 from lit_vhead.generation import HFGeneration
-from lit_vhead.module import reward_inputs
-from lit_vhead.rewards import RewardError, RewardModel
+from lit_vhead.rewards import RewardError, RewardModel, reward_inputs
 
 PPO = {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "learning_rate": 1e-3,
        "generation": {"max_new_tokens": 4}}

@@ -3,6 +3,9 @@
 satisfied by the value-head models."""
 
 
+import ast
+from pathlib import Path
+
 import lightning as L
 import torch
 from conftest import FAST, ROOT, compose, tiny_hf_model
@@ -42,6 +45,29 @@ class CountingGeneration(HFGeneration):
     def sync_weights(self, policy) -> None:
         assert isinstance(policy, Policy)
         self.syncs += 1
+
+
+def test_no_module_is_over_450_lines():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in Path(ROOT, "lit_vhead").rglob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
+
+
+def generate_calls(path: Path) -> list[str]:
+    """The ``<x>.generate(...)`` calls of a module, by the object they are made on (``ast.unparse``)."""
+    tree = ast.parse(path.read_text())
+    return [ast.unparse(node.func.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "generate"]
+
+
+def test_only_the_generation_module_samples_from_a_model():
+    """Both loops sample through their backend (``self.generation``); a model's ``generate`` runs in generation.py
+    (and in the value-head wrapper's own ``generate``, which hands over to the base model)."""
+    calls = {}
+    for path in Path(ROOT, "lit_vhead").rglob("*.py"):
+        others = [c for c in generate_calls(path) if c != "self.generation"]
+        if others:
+            calls[str(path.relative_to(ROOT))] = others
+    assert calls == {"lit_vhead/generation.py": ["model"], "lit_vhead/modeling.py": ["self.pretrained_model"]}
 
 
 def test_ppo_module_samples_through_its_backend_and_syncs_after_each_update(byt5):
