@@ -22,7 +22,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-import lit_vhead.module
 from lit_vhead import (
     AutoModelForCausalLMWithValueHead,
     AutoModelForSeq2SeqLMWithValueHead,
@@ -32,9 +31,9 @@ from lit_vhead import (
     RewardSource,
 )
 from lit_vhead.builders import ModelNotFoundError
-from lit_vhead.data import pad_queries
-from lit_vhead.module import reward_inputs
-from lit_vhead.rewards import RewardError, RewardModel
+from lit_vhead.data import collate_prompts
+from lit_vhead.generation import HFGeneration
+from lit_vhead.rewards import RewardError, RewardModel, reward_inputs
 
 PPO = {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "learning_rate": 1e-3,
        "generation": {"max_new_tokens": 4}}
@@ -103,7 +102,7 @@ def forbid_rollouts(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a rollout started before the bad input was reported")
 
-    monkeypatch.setattr(lit_vhead.module, "generate", fail)
+    monkeypatch.setattr(HFGeneration, "generate", fail)
 
 
 @pytest.fixture
@@ -271,7 +270,8 @@ def test_wrong_prompt_data_fails_in_its_constructor(case):
 
 def right_padded_loader(tokenizer, batch_size=PPO["batch_size"]):
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    return DataLoader(ids, batch_size=batch_size, collate_fn=lambda b: pad_queries(b, tokenizer.pad_token_id, "right"))
+    pad = tokenizer.pad_token_id
+    return DataLoader(ids, batch_size=batch_size, collate_fn=lambda b: collate_prompts(b, pad, "right"))
 
 
 SETUP_ERRORS = {  # case: (what to change, given the tokenizer; error; words in the message)
@@ -390,12 +390,13 @@ def test_environment_scores_of_the_wrong_shape_name_the_subclass(byt5, no_rollou
 
     from lit_vhead.rollout import Rollout
 
-    def fake(policy, batch, *settings):  # responses = the prompts: scoring is what this test is about
-        return Rollout(batch["query_ids"], batch["query_mask"], batch["query_ids"], batch["query_mask"])
+    class Echo(HFGeneration):  # responses = the prompts: scoring is what this test is about
+        def generate(self, model, query_ids, query_mask, *args, **kwargs):
+            return Rollout(query_ids, query_mask, query_ids, query_mask)
 
-    monkeypatch.setattr(lit_vhead.module, "generate", fake)
+    module = Bad(tiny_hf_model("gpt2"), byt5, None, ppo=PPO, generation=Echo())
     with pytest.raises(RewardError, match=r"Bad.score_rollout returned shape \(4, 2\)"):
-        trainer().fit(Bad(tiny_hf_model("gpt2"), byt5, None, ppo=PPO), datamodule=PromptDataModule(PROMPTS))
+        trainer().fit(module, datamodule=PromptDataModule(PROMPTS))
 
 
 def test_plain_trainer_runs_ppo_steps_and_logs_every_step(tmp_path, byt5):
@@ -424,7 +425,7 @@ def test_fast_dev_run_takes_one_ppo_step(byt5):
 def test_own_dataloader_of_many_batches_still_takes_ppo_steps(byt5):
     """A user's DataLoader with several batches: each PPO step (epoch) takes one batch, ppo.steps in all."""
     ids = [byt5(f"prompt number {i}", add_special_tokens=False)["input_ids"] for i in range(16)]
-    loader = DataLoader(ids, batch_size=4, shuffle=True, collate_fn=lambda b: pad_queries(b, 0, "left"))
+    loader = DataLoader(ids, batch_size=4, shuffle=True, collate_fn=lambda b: collate_prompts(b, 0, "left"))
     batches = Batches(byt5)
     fit = trainer(callbacks=[batches])
     fit.fit(PPOModule(tiny_hf_model("gpt2"), byt5, vowels, ppo={**PPO, "steps": 3}), train_dataloaders=loader)

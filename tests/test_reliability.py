@@ -19,7 +19,7 @@ from test_train import read_csv, run_cli
 
 from lit_vhead.checkpoint_io import AtomicCheckpointIO
 from lit_vhead.config import as_ppo_config
-from lit_vhead.train import train
+from lit_vhead.run import train
 
 RESUME_ARGS = ["ppo.steps=8", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.generation.max_new_tokens=8",
                "logger=csv", "callbacks.model_checkpoint.every_n_epochs=2", "callbacks.progress_bar=null",
@@ -204,8 +204,8 @@ def test_any_override_is_accepted_valid_or_rejected_naming_the_key(tmp_path, ove
 
 def test_responses_that_end_at_once_train():
     """A response whose first token is EOS has length 1 (the EOS is kept): the score lands there, nothing is NaN."""
+    from lit_vhead.generation import response_mask_from_eos
     from lit_vhead.ppo import compute_advantages, compute_rewards, ppo_loss
-    from lit_vhead.rollout import response_mask_from_eos
 
     response = torch.tensor([[1, 0, 0, 0], [5, 6, 1, 0], [7, 8, 9, 10]])
     mask = response_mask_from_eos(response, eos_token_id=1)
