@@ -104,7 +104,8 @@ def _released_after(tensor: torch.Tensor, timeout: float = 1.0) -> Iterator[None
 
 
 class Accelerator:
-    """The parts of accelerate's ``Accelerator`` that classic scripts touch, answered by Lightning Fabric."""
+    """The parts of accelerate's ``Accelerator`` that TRL 0.11.4's scripts and examples touch (the README lists them),
+    answered by Lightning Fabric; ``fabric`` is the Fabric itself, for anything else."""
 
     def __init__(self, fabric: L.Fabric) -> None:
         self.fabric = fabric
@@ -119,24 +120,12 @@ class Accelerator:
         return self.fabric.is_global_zero
 
     @property
-    def is_local_main_process(self) -> bool:
-        return self.fabric.local_rank == 0
-
-    @property
     def num_processes(self) -> int:
         return self.fabric.world_size
 
     @property
     def process_index(self) -> int:
         return self.fabric.global_rank
-
-    @property
-    def local_process_index(self) -> int:
-        return self.fabric.local_rank
-
-    @property
-    def use_distributed(self) -> bool:
-        return self.fabric.world_size > 1
 
     @property
     def state(self) -> SimpleNamespace:
@@ -189,12 +178,6 @@ class Accelerator:
                     "set up its model and optimizer (pass them to PPOTrainer)."
                 )
         return self.fabric.setup_dataloaders(*objects)
-
-    def autocast(self):
-        return self.fabric.autocast()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.fabric.backward(loss)
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
         """Log to every logger on the main process: scalars everywhere; arrays as histograms and tables to wandb only

@@ -15,7 +15,6 @@ and ``python train.py`` builds it from the Hydra config through the same constru
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import warnings
@@ -44,20 +43,6 @@ from lit_vhead.reference import Reference, ReferenceConfig, as_reference_config,
 from lit_vhead.rewards import RewardSource, as_reward_source, check_scores, reward_inputs
 from lit_vhead.rollout import Rollout
 
-
-class _DropLightningTips(logging.Filter):
-    """Lightning's advertisements for its cloud services ("💡 Tip: ...") tell a PPO user nothing."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "💡 Tip" not in str(record.msg)
-
-
-# Third-party noise that tells the user nothing: Lightning's and peft's own uses of deprecated torch/transformers
-# APIs, Lightning's tips, and its warning when max_epochs is unset (PPOModule then sets it to ppo.steps, see `setup`).
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
-warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-warnings.filterwarnings("ignore", message="`max_epochs` was not set", module="lightning")
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 _LIGHTNING_DEFAULT_LOG_EVERY = 50
 

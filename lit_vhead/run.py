@@ -28,6 +28,7 @@ from lit_vhead.config import as_ppo_config
 from lit_vhead.layers import shared_parameter_names
 from lit_vhead.loggers import CSVLogger, WandbLogger
 from lit_vhead.module import PPOModule
+from lit_vhead.noise import quiet
 from lit_vhead.reference import ReferenceConfig
 from lit_vhead.resume import RUN_CONFIG_KEY, SaveRunConfig, command_overrides, plain, resumed_config, write_run_config
 from lit_vhead.rewards import RewardAdapter, check_reward_targets
@@ -39,7 +40,7 @@ from lit_vhead.rundir import (
     remove_if_empty,
 )
 from lit_vhead.summary import RunSummary
-from lit_vhead.sweep import fix_ddp_children_in_multirun
+from lit_vhead.sweep import ddp_children_of_this_job
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
 
@@ -205,7 +206,6 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule.prepare_for(module)  # over-long or empty prompts fail here, before any model is built
     module.check_reward(datamodule.prompts)
 
-    fix_ddp_children_in_multirun()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loggers = _instantiate_dict(cfg.get("logger"))
     if resume_step is not None:
@@ -224,7 +224,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 
     environ, failed = dict(os.environ), True
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), ddp_children_of_this_job():
             if ckpt_path is not None:  # resuming into the run's own checkpoints/ is the point, not a mistake
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -275,7 +275,8 @@ def main(cfg: DictConfig) -> float | None:
     the finished run's metric (None if it has none) and exits 0."""
     _print_library_log()
     try:
-        metrics = train(cfg)
+        with quiet():
+            metrics = train(cfg)
         return metric_value(metrics, cfg.get("optimized_metric")) if metrics else None
     except USER_ERRORS as err:
         if not isinstance(err, RunDirBusyError):

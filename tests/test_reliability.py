@@ -103,7 +103,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmpfs, tmp_path):
     """Checkpoints on their own filesystem (the system temp dir elsewhere), full as PPO step 1's checkpoint is saved."""
     checkpoints = tmpfs("64m")
     overrides = ["callbacks=default", "callbacks.progress_bar=null", "callbacks.model_checkpoint.every_n_epochs=1",
-                 f"callbacks.model_checkpoint.dirpath={checkpoints}", f"callbacks.last_checkpoint.dirpath={checkpoints}",
+                 f"callbacks.model_checkpoint.dirpath={checkpoints}",
+                 f"callbacks.last_checkpoint.dirpath={checkpoints}",
                  f"+callbacks.fill.directory={checkpoints}",
                  "+callbacks.fill._target_=helpers_callbacks.FillDisk", "+callbacks.fill.at_epoch=1"]
     cfg = compose(FAST + overrides, tmp_path)
