@@ -1,10 +1,16 @@
-"""Multi-device set-up shared by both loops: FSDP2 sharding of a value-head policy, and whether a loop's gradients
-are final when ``backward`` returns (what ``ppo.optimizer_in_backward`` needs)."""
+"""Multi-device set-up shared by both loops: FSDP2 sharding of a value-head policy, whether a loop's gradients are
+final when ``backward`` returns (what ``ppo.optimizer_in_backward`` needs), and waiting out gloo's hold on a
+collective's tensor."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from lit_vhead.layers import find_layer_pattern, layer_module_names
@@ -35,3 +41,14 @@ def shard_policy(policy: nn.Module, mesh: Any) -> None:
     fully_shard(policy.pretrained_model, mesh=mesh)
     fully_shard(policy.v_head, mesh=mesh)
 
+
+@contextlib.contextmanager
+def released_after(tensor: torch.Tensor, timeout: float = 1.0) -> Iterator[None]:
+    """Leave the block only once ``tensor`` has as many Python references as on entry (at most ``timeout`` s later):
+    gloo's worker thread frees a finished collective's work, and with it its hold on the tensor, a moment after the
+    caller's ``wait`` returns (the gloo workaround of ``PPOTrainer``'s ``accelerator.wait_for_everyone``/``gather``)."""
+    references = sys.getrefcount(tensor)
+    yield
+    deadline = time.monotonic() + timeout
+    while sys.getrefcount(tensor) > references and time.monotonic() < deadline:
+        time.sleep(1e-4)

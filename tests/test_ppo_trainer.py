@@ -675,19 +675,19 @@ def test_gloo_waits_return_once_the_worker_thread_lets_go_of_their_tensor():
     import threading
     import time
 
-    from lit_vhead.accelerator import _released_after
+    from lit_vhead.distributed import released_after
 
     tensor, held = torch.zeros(1), []
     tic = time.monotonic()
-    with _released_after(tensor):  # nothing holds it: no wait
+    with released_after(tensor):  # nothing holds it: no wait
         pass
     assert time.monotonic() - tic < 0.05
-    with _released_after(tensor):
+    with released_after(tensor):
         held.append(tensor)  # the collective's work takes a reference ...
         threading.Timer(0.2, held.clear).start()  # ... and the worker drops it 0.2 s later
     assert 0.15 < time.monotonic() - tic < 0.9 and not held
     tic = time.monotonic()
-    with _released_after(tensor, timeout=0.1):
+    with released_after(tensor, timeout=0.1):
         held.append(tensor)  # never dropped: give up after the timeout instead of hanging
     assert 0.1 <= time.monotonic() - tic < 0.5
 
