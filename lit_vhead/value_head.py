@@ -1,4 +1,4 @@
-"""The value head: TRL's ``ValueHead`` (dropout + ``Linear(hidden, 1)``), its defaults and init, and the width it reads."""
+"""The value head: TRL's ``ValueHead`` (dropout + ``Linear(hidden, 1)``), its defaults and init, the width it reads."""
 
 from __future__ import annotations
 
