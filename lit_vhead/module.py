@@ -264,7 +264,6 @@ class PPOModule(L.LightningModule):
         generation_time = time.perf_counter() - start
         scores = self.score_rollout(rollout)
         scores = check_scores(scores, len(rollout.query_ids), f"{type(self).__name__}.score_rollout").to(self.device)
-        generator = torch.Generator().manual_seed(step_seed(self.ppo.seed, step, self.global_rank) + 1)
         engine = Engine(
             model=self.policy,
             policy=self.policy,
@@ -272,7 +271,7 @@ class PPOModule(L.LightningModule):
             optimizer=self.optimizers(),
             backward=self.manual_backward,
             clip_gradients=lambda max_norm: self.clip_gradients(self.optimizers(), max_norm, "norm"),
-            order=lambda n: torch.randperm(n, generator=generator),
+            order=self.sample_order(step),
             scheduler=self.lr_schedulers(),
             temperature=self.ppo.generation.temperature,
             local_gradients=isinstance(self.trainer.strategy, SingleDeviceStrategy)
@@ -287,6 +286,12 @@ class PPOModule(L.LightningModule):
         self.log("kl", metrics["objective/kl"], prog_bar=True, logger=False)
         if self.sample_table_every and step % self.sample_table_every == 0:
             self._log_samples(scores)
+
+    def sample_order(self, step: int) -> Callable[[int], torch.Tensor]:
+        """How PPO step ``step`` orders its samples into minibatches: a function drawing a permutation of ``range(n)``
+        once per PPO epoch (default: from a generator seeded by (seed, step, rank), so a resumed run draws the same)."""
+        generator = torch.Generator().manual_seed(step_seed(self.ppo.seed, step, self.global_rank) + 1)
+        return lambda n: torch.randperm(n, generator=generator)
 
     def generate_rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
         """Sample one response per prompt (``batch``: ``query_ids``/``query_mask``). Override for your own sampling."""

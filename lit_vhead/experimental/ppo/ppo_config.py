@@ -3,7 +3,8 @@ with TRL's names, defaults and ``HfArgumentParser`` flags (TRL's ``BaseConfig`` 
 ``gradient_checkpointing=True``, ``bf16`` on unless ``fp16``).
 
 :meth:`PPOConfig.to_ppo` translates it into lit_vhead's own :class:`lit_vhead.config.PPOConfig`, the one the PPO core
-reads: TRL's batch sizes, a fixed KL coefficient, no ratio guard, and the score on the token after the response (``score_token="next"``).
+reads: TRL's batch sizes, a fixed KL coefficient, no ratio guard, and the score on the token after the response
+(``score_token="next"``).
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ class PPOConfig(TrainingArguments):
         mini = local // self.num_mini_batches
         if mini > self.per_device_train_batch_size and mini % self.per_device_train_batch_size:
             raise ValueError(
-                f"A minibatch of {mini} prompts (local_batch_size / num_mini_batches) does not split into micro-batches "
-                f"of per_device_train_batch_size={self.per_device_train_batch_size}; pick sizes that divide."
+                f"A minibatch of {mini} prompts (local_batch_size / num_mini_batches) does not split into "
+                f"micro-batches of per_device_train_batch_size={self.per_device_train_batch_size}; pick sizes that divide."
             )
 
     def derive(self, world_size: int, dataset_len: int) -> None:
@@ -149,11 +150,13 @@ class PPOConfig(TrainingArguments):
         """lit_vhead's :class:`~lit_vhead.config.PPOConfig` for the core: the same update as TRL's (``derive`` first).
 
         Micro-batches of ``per_device_train_batch_size`` (at most a minibatch) accumulate into one optimizer step per
-        minibatch of ``local_mini_batch_size`` (TRL's accelerate counted micro-batches across minibatches instead); TRL's fixed ``kl_coef``; no ratio guard or early stopping (TRL has none); the score
-        on the token after each response (``score_token="next"``); sampling at ``temperature + 1e-7`` with no top-k
+        minibatch of ``local_mini_batch_size`` (TRL's accelerate counted micro-batches across minibatches instead);
+        TRL's fixed ``kl_coef``; no ratio guard or early stopping (TRL has none); the score on the token after each
+        response (``score_token="next"``); sampling at ``temperature + 1e-7`` with no top-k
         or top-p, stopping at EOS when ``stop_token="eos"`` (or ``stop_token_id`` is the EOS id).
         """
-        from lit_vhead.config import PPOConfig as CorePPOConfig, SamplingConfig
+        from lit_vhead.config import PPOConfig as CorePPOConfig
+        from lit_vhead.config import SamplingConfig
 
         if self.local_batch_size is None:
             raise RuntimeError("PPOConfig.derive(world_size, dataset_len) fills the batch sizes first.")

@@ -284,8 +284,8 @@ class PPOTrainer:
 
             if isinstance(model, PeftModel):
                 raise ValueError(
-                    "You passed a `PeftModel` instance together with a `peft_config` to the trainer. Please first merge "
-                    "and unload the existing adapter, save the resulting base model, and then pass that base model "
+                    "You passed a `PeftModel` instance together with a `peft_config` to the trainer. Please first "
+                    "merge and unload the existing adapter, save the resulting base model, and then pass that base model "
                     "along with the new `peft_config` to the trainer."
                 )
         self.args = args
@@ -442,8 +442,8 @@ class PPOTrainer:
         state = os.path.join(os.path.dirname(ckpt), "trainer_state.json")
         if not (os.path.isfile(ckpt) and os.path.isfile(state)):
             raise ValueError(
-                f"resume_from_checkpoint={resume!r} is not a checkpoint of this trainer: it needs {CHECKPOINT_FILE} and "
-                "trainer_state.json (written in output_dir/checkpoint-<step>/ every save_steps PPO steps)."
+                f"resume_from_checkpoint={resume!r} is not a checkpoint of this trainer: it needs {CHECKPOINT_FILE} "
+                "and trainer_state.json (written in output_dir/checkpoint-<step>/ every save_steps PPO steps)."
             )
         saved = OnlineTrainerState.load_from_json(state)
         self.state.log_history, self.state.episode, self.state.global_step = (
@@ -451,7 +451,7 @@ class PPOTrainer:
         return ckpt
 
     def _save_checkpoint(self) -> str:
-        """``output_dir/checkpoint-<step>/``: the Lightning checkpoint (written atomically) and ``trainer_state.json``."""
+        """``output_dir/checkpoint-<step>/``: the Lightning checkpoint (written atomically), ``trainer_state.json``."""
         from lit_vhead.atomic import atomic_file
 
         path = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
