@@ -66,7 +66,8 @@ def stages_for(case: dict) -> PPOStages:
     cfg = case["config"]
     ppo = PPOConfig(score_token="next", kl_penalty={"k1": "kl", "k3": "k3"}[cfg.get("kl_estimator", "k1")],
                     gamma=cfg.get("gamma", 1.0), lam=cfg.get("lam", 0.95),
-                    whiten_rewards=cfg.get("whiten_rewards", False), batch_size=8, mini_batch_size=8, adap_kl_ctrl=False)
+                    whiten_rewards=cfg.get("whiten_rewards", False), batch_size=8, mini_batch_size=8,
+                    adap_kl_ctrl=False)
     return PPOStages(ppo, FixedKLController(cfg.get("kl_coef", 0.05)))
 
 

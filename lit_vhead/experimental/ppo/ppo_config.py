@@ -125,7 +125,8 @@ class PPOConfig(TrainingArguments):
         if mini > self.per_device_train_batch_size and mini % self.per_device_train_batch_size:
             raise ValueError(
                 f"A minibatch of {mini} prompts (local_batch_size / num_mini_batches) does not split into "
-                f"micro-batches of per_device_train_batch_size={self.per_device_train_batch_size}; pick sizes that divide."
+                f"micro-batches of per_device_train_batch_size={self.per_device_train_batch_size}; pick sizes that "
+                "divide."
             )
 
     def derive(self, world_size: int, dataset_len: int) -> None:

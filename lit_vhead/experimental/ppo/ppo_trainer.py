@@ -285,8 +285,8 @@ class PPOTrainer:
             if isinstance(model, PeftModel):
                 raise ValueError(
                     "You passed a `PeftModel` instance together with a `peft_config` to the trainer. Please first "
-                    "merge and unload the existing adapter, save the resulting base model, and then pass that base model "
-                    "along with the new `peft_config` to the trainer."
+                    "merge and unload the existing adapter, save the resulting base model, and then pass that base "
+                    "model along with the new `peft_config` to the trainer."
                 )
         self.args = args
         self.processing_class = processing_class
