@@ -1,0 +1,145 @@
+"""The critic: one switch (head | model | lora) on every path, its controls (warm-up, learning rate, value clipping,
+a separate GAE lambda), and saving and resuming it."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import ROOT, tiny_hf_model
+from peft import LoraConfig
+from transformers import AutoModelForTokenClassification
+
+from lit_vhead.builders import wrap_policy
+from lit_vhead.critic import Critic, CriticConfig, as_critic_config, build_critic
+from lit_vhead.ppo.functional import compute_advantages, masked_whiten, ppo_loss
+from lit_vhead.rewards import RewardModel
+from lit_vhead.rollout import Rollout
+
+
+def rollout() -> Rollout:
+    return Rollout(
+        query_ids=torch.tensor([[0, 5, 6], [7, 8, 9]]),
+        query_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
+        response_ids=torch.tensor([[3, 4, 2], [5, 1, 0]]),
+        response_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+    )
+
+
+def lora_policy():
+    return wrap_policy(tiny_hf_model("gpt2"), peft_config=LoraConfig(r=4, target_modules="all-linear",
+                                                                     fan_in_fan_out=True, task_type="CAUSAL_LM"))
+
+
+# ---------------------------------------------------------------------- the pure functions
+def test_critic_lambda_sets_the_returns_and_the_policy_lambda_the_advantages():
+    """values V = [1, 2, 0.5], rewards [0, 0, 3], gamma 1. GAE from the end: A2 = 3 - 0.5 = 2.5,
+    A1 = (0.5 - 2) + lam * 2.5, A0 = (2 - 1) + lam * A1. lam 0.5: A = [0.875, -0.25, 2.5]; lam 1: A = [2, 1, 2.5],
+    so returns A + V = [3, 3, 3] (the Monte-Carlo return)."""
+    values, rewards, mask = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.0, 0.0, 3.0]]), torch.ones(1, 3)
+    _, advantages, returns = compute_advantages(values, rewards, mask, 1.0, 0.5, critic_lam=1.0)
+    assert torch.allclose(returns, torch.tensor([[3.0, 3.0, 3.0]]))
+    assert torch.allclose(advantages, masked_whiten(torch.tensor([[0.875, -0.25, 2.5]]), mask))
+    _, same_lam_advantages, same_lam_returns = compute_advantages(values, rewards, mask, 1.0, 0.5)  # TRL's math
+    assert torch.equal(same_lam_advantages, advantages)  # the policy's advantages do not depend on the critic's lam
+    assert torch.allclose(same_lam_returns, torch.tensor([[1.875, 1.75, 3.0]]))
+    _, other_advantages, other_returns = compute_advantages(values, rewards, mask, 1.0, 1.0, critic_lam=1.0)
+    assert torch.equal(other_returns, returns) and not torch.allclose(other_advantages, advantages)
+    assert torch.equal(compute_advantages(values, rewards, mask, 1.0, 0.5, critic_lam=0.5)[2], same_lam_returns)
+
+
+def test_value_clipping_off_is_the_plain_squared_error():
+    old_values, vpreds = torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, -2.0]])
+    returns, mask, zeros = torch.tensor([[2.0, 1.0]]), torch.ones(1, 2), torch.zeros(1, 2)
+    args = (zeros, old_values, zeros, vpreds, mask, torch.tensor([[1.0, -1.0]]), returns, 0.2)
+    _, clipped, clipped_stats = ppo_loss(*args, 0.2, 1.0)
+    _, plain, plain_stats = ppo_loss(*args, None, 1.0)
+    assert torch.allclose(plain, torch.tensor(0.5 * (1.0**2 + 3.0**2) / 2))
+    assert not torch.allclose(clipped, plain) and clipped_stats["val/clipfrac"] > 0
+    assert plain_stats["val/clipfrac"] == 0
+
+
+# ---------------------------------------------------------------------- the Critic
+@pytest.mark.parametrize("build", ["policy", "lora"])
+def test_critic_saves_and_reloads_offline_in_a_fresh_process_with_the_same_values(tmp_path, build):
+    torch.manual_seed(0)
+    critic = (Critic.from_policy(wrap_policy(tiny_hf_model("gpt2"))) if build == "policy"
+              else Critic.lora_on(lora_policy()))
+    with torch.no_grad():  # trained-looking weights: the adapters and head away from their initial values
+        for p in critic.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    critic.eval()
+    critic.save_pretrained(tmp_path / "critic")
+    expected = critic.values(rollout()).detach()
+    script = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForTokenClassification
+        from lit_vhead.critic import Critic
+        from lit_vhead.rollout import Rollout
+        r = Rollout(torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                    torch.tensor([[3, 4, 2], [5, 1, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]))
+        critic = Critic.from_pretrained({str(tmp_path / "critic")!r}).eval()
+        plain = AutoModelForTokenClassification.from_pretrained({str(tmp_path / "critic")!r}).eval()
+        ids, mask = r.full_sequence()
+        logits = plain(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+        torch.save((critic.values(r).detach(), logits[:, -4:-1, 0].detach()), {str(tmp_path / "out.pt")!r})
+    """)
+    env = {"PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded, plain = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.allclose(reloaded, expected, atol=1e-6)
+    assert torch.allclose(plain, expected, atol=1e-6)  # a plain AutoModelForTokenClassification reads it too
+
+
+def test_lora_critic_shares_the_policys_frozen_base_and_trains_only_adapters_and_head():
+    policy = lora_policy()
+    critic = Critic.lora_on(policy)
+    base = policy.hf_model.transformer.h[0].attn.c_attn.base_layer.weight
+    assert any(p is base for p in critic.parameters())  # the same tensor: no copy of the base
+    trainable = {n for n, p in critic.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or ".classifier." in n for n in trainable)
+    assert not base.requires_grad
+    critic.values(rollout()).sum().backward()
+    assert base.grad is None and all(p.grad is not None for p in critic.trainable_parameters())
+
+
+def test_critic_defaults_to_the_reward_model_and_starts_from_its_score(byt5):
+    """critic=model with a reward model: the reward model's backbone, and the row of its head the reward reads
+    (label_index), so the critic's first values are the reward model's per-token scores."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type="gpt2", n_layer=2, n_embd=32, n_head=4, vocab_size=259, num_labels=2,
+                                  pad_token_id=0)
+    reward_model = AutoModelForSequenceClassification.from_config(config).eval()
+    reward = RewardModel(model=reward_model, tokenizer=byt5, label_index=1)
+    critic = build_critic(CriticConfig(mode="model"), wrap_policy(tiny_hf_model("gpt2")), reward).eval()
+    r = rollout()
+    ids, mask = r.full_sequence()
+    with torch.no_grad():
+        hidden = reward_model.transformer(input_ids=ids, attention_mask=mask,
+                                          position_ids=(mask.cumsum(-1) - 1).clamp_min(0))[0]
+        assert torch.allclose(critic.values(r), reward_model.score(hidden)[:, -4:-1, 1], atol=1e-6)
+    assert all(p.requires_grad for p in critic.parameters())  # a trainable copy
+    assert all(a is not b for a, b in zip(critic.parameters(), reward_model.parameters()))
+    with pytest.raises(ValueError, match="critic.init=reward initialises the critic from the reward model"):
+        build_critic(CriticConfig(mode="model", init="reward"), wrap_policy(tiny_hf_model("gpt2")), None)
+
+
+def test_bad_critic_settings_fail_clearly():
+    with pytest.raises(ValueError, match="critic.mode='value'"):
+        CriticConfig(mode="value")
+    with pytest.raises(ValueError, match="critic.init='reward' only applies to critic.mode=model"):
+        CriticConfig(mode="lora", init="reward")
+    with pytest.raises(ValueError, match="critic.warmup_steps=-1"):
+        CriticConfig(warmup_steps=-1)
+    with pytest.raises(ValueError, match="needs adapters too: add peft=lora"):
+        Critic.lora_on(wrap_policy(tiny_hf_model("gpt2")))
+    with pytest.raises(ValueError, match="has 3 outputs"):
+        config = tiny_hf_model("gpt2").config
+        config.num_labels = 3
+        Critic(AutoModelForTokenClassification.from_config(config))
+    assert as_critic_config("model") == CriticConfig(mode="model")
+    assert as_critic_config({"mode": "lora", "lam": 0.9}) == CriticConfig(mode="lora", lam=0.9)
