@@ -184,22 +184,22 @@ class Critic(nn.Module):
         return cls(model, config or CriticConfig(mode="lora"), shares_policy_base=True)
 
     # ------------------------------------------------------------------ the value function
-    def values(self, rollout: Any) -> torch.Tensor:
-        """Values ``[B, T]`` (fp32) of the state before each of the rollout's response tokens: the same window as the
-        policy's value head in :func:`lit_vhead.rollout.forward`."""
-        input_ids, attention_mask = rollout.full_sequence()
-        width = rollout.response_ids.shape[1]
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_inputs: Any) -> torch.Tensor:
+        """Values ``[B, T]`` (fp32) of every position, zero where ``attention_mask`` is 0 (the
+        :class:`~lit_vhead.interfaces.ValueFunction` interface). ``position_ids`` default to the positions counted
+        from each row's first real token (left padding); other model inputs are ignored."""
+        position_ids = model_inputs.get("position_ids")
+        if position_ids is None:
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
         hidden = _backbone(self.model)(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(-1) - 1).clamp_min(0),
-            use_cache=False,
-        ).last_hidden_state[:, -width - 1 : -1]
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         head = _head_of(self.model)
-        return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+        values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+        return values.masked_fill(attention_mask == 0, 0.0)
 
-    def forward(self, rollout: Any) -> torch.Tensor:
-        return self.values(rollout)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_inputs: Any) -> torch.Tensor:
+        return self.values(input_ids, attention_mask, **model_inputs)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -218,6 +218,14 @@ class Critic(nn.Module):
             model = copy.deepcopy(model)
             setattr(model, model.base_model_prefix, _backbone(model).merge_and_unload())
         model.save_pretrained(directory, **kwargs)
+
+
+def response_values(critic: Any, rollout: Any) -> torch.Tensor:
+    """``[B, T]`` values of the state before each of the rollout's response tokens (causal layout: prompt +
+    response), the window that the policy's value head gives in :func:`lit_vhead.rollout.forward`."""
+    input_ids, attention_mask = rollout.full_sequence()
+    width = rollout.response_ids.shape[1]
+    return critic.values(input_ids, attention_mask)[:, -width - 1 : -1]
 
 
 def critic_parameters(policy: nn.Module, critic: Critic | None) -> list[nn.Parameter]:

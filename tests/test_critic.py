@@ -12,7 +12,7 @@ from peft import LoraConfig
 from transformers import AutoModelForTokenClassification
 
 from lit_vhead.builders import wrap_policy
-from lit_vhead.critic import Critic, CriticConfig, as_critic_config, build_critic
+from lit_vhead.critic import Critic, CriticConfig, as_critic_config, build_critic, response_values
 from lit_vhead.ppo.functional import compute_advantages, masked_whiten, ppo_loss
 from lit_vhead.rewards import RewardModel
 from lit_vhead.rollout import Rollout
@@ -71,11 +71,11 @@ def test_critic_saves_and_reloads_offline_in_a_fresh_process_with_the_same_value
             p.add_(0.01 * torch.randn_like(p))
     critic.eval()
     critic.save_pretrained(tmp_path / "critic")
-    expected = critic.values(rollout()).detach()
+    expected = response_values(critic, rollout()).detach()
     script = textwrap.dedent(f"""
         import torch
         from transformers import AutoModelForTokenClassification
-        from lit_vhead.critic import Critic
+        from lit_vhead.critic import Critic, response_values
         from lit_vhead.rollout import Rollout
         r = Rollout(torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]]),
                     torch.tensor([[3, 4, 2], [5, 1, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]))
@@ -83,7 +83,7 @@ def test_critic_saves_and_reloads_offline_in_a_fresh_process_with_the_same_value
         plain = AutoModelForTokenClassification.from_pretrained({str(tmp_path / "critic")!r}).eval()
         ids, mask = r.full_sequence()
         logits = plain(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
-        torch.save((critic.values(r).detach(), logits[:, -4:-1, 0].detach()), {str(tmp_path / "out.pt")!r})
+        torch.save((response_values(critic, r).detach(), logits[:, -4:-1, 0].detach()), {str(tmp_path / "out.pt")!r})
     """)
     env = {"PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
@@ -101,7 +101,7 @@ def test_lora_critic_shares_the_policys_frozen_base_and_trains_only_adapters_and
     trainable = {n for n, p in critic.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or ".classifier." in n for n in trainable)
     assert not base.requires_grad
-    critic.values(rollout()).sum().backward()
+    response_values(critic, rollout()).sum().backward()
     assert base.grad is None and all(p.grad is not None for p in critic.trainable_parameters())
 
 
@@ -121,7 +121,7 @@ def test_critic_defaults_to_the_reward_model_and_starts_from_its_score(byt5):
     with torch.no_grad():
         hidden = reward_model.transformer(input_ids=ids, attention_mask=mask,
                                           position_ids=(mask.cumsum(-1) - 1).clamp_min(0))[0]
-        assert torch.allclose(critic.values(r), reward_model.score(hidden)[:, -4:-1, 1], atol=1e-6)
+        assert torch.allclose(response_values(critic, r), reward_model.score(hidden)[:, -4:-1, 1], atol=1e-6)
     assert all(p.requires_grad for p in critic.parameters())  # a trainable copy
     assert all(a is not b for a, b in zip(critic.parameters(), reward_model.parameters()))
     with pytest.raises(ValueError, match="critic.init=reward initialises the critic from the reward model"):
