@@ -212,12 +212,16 @@ class Critic(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
         """Save the critic in transformers' format (safetensors): reload it with
         ``Critic.from_pretrained(directory)`` or ``AutoModelFor{Token,Sequence}Classification.from_pretrained``.
-        A ``lora`` critic is saved with its adapters merged into a copy of the base (a full model)."""
+        A ``lora`` critic is saved with its adapters merged into a copy of the base (a full model). Atomic, as the
+        policy's save (:func:`lit_vhead.atomic.atomic_directory`)."""
+        from lit_vhead.atomic import atomic_directory
+
         model = self.model
         if self.shares_policy_base:
             model = copy.deepcopy(model)
             setattr(model, model.base_model_prefix, _backbone(model).merge_and_unload())
-        model.save_pretrained(directory, **kwargs)
+        with atomic_directory(directory) as tmp:  # a failed or killed save leaves the directory as it was
+            model.save_pretrained(tmp, **kwargs)
 
 
 def response_values(critic: Any, rollout: Any) -> torch.Tensor:
@@ -236,16 +240,22 @@ def critic_parameters(policy: nn.Module, critic: Critic | None) -> list[nn.Param
 
 
 def parameter_groups(policy: nn.Module, critic: Critic | None, policy_lr: float,
-                     critic_lr: float | None) -> list[dict[str, Any]]:
-    """Optimizer parameter groups: the policy's trainable parameters (its value head only in ``head`` mode), then
-    the value function's with its own rate when ``critic_lr`` is set; one group when it is not and ``head`` mode."""
-    value = critic_parameters(policy, critic)
-    value_ids = {id(p) for p in value}
-    skip = value_ids if critic is None else {id(p) for p in policy.v_head.parameters()}  # a critic: the head idles
-    trunk = [p for p in policy.parameters() if p.requires_grad and id(p) not in skip]
+                     critic_lr: float | None) -> list[nn.Parameter] | list[dict[str, Any]]:
+    """What the optimizer updates. ``head`` mode without a value learning rate: the policy's trainable parameters,
+    as a plain list (TRL's). Otherwise two parameter groups: the policy's (without its value head, which idles
+    beside a separate critic), then the value function's at ``critic_lr`` (None: ``policy_lr``)."""
     if critic is None and critic_lr is None:
-        return [{"params": trunk + value}]
+        return [p for p in policy.parameters() if p.requires_grad]
+    value = critic_parameters(policy, critic)
+    skip = {id(p) for p in (value if critic is None else policy.v_head.parameters())}
+    trunk = [p for p in policy.parameters() if p.requires_grad and id(p) not in skip]
     return [{"params": trunk}, {"params": value, "lr": policy_lr if critic_lr is None else critic_lr}]
+
+
+def policy_parameters(policy: nn.Module, critic: Critic | None) -> list[nn.Parameter]:
+    """The policy's parameters that a critic warm-up holds fixed: all but the value head in ``head`` mode."""
+    value = {id(p) for p in critic_parameters(policy, critic)}
+    return [p for p in policy.parameters() if id(p) not in value]
 
 
 @contextlib.contextmanager

@@ -5,14 +5,23 @@ import subprocess
 import sys
 import textwrap
 
+import lightning as L
 import pytest
 import torch
 from conftest import ROOT, tiny_hf_model
 from peft import LoraConfig
 from transformers import AutoModelForTokenClassification
 
+from lit_vhead import PPOModule, PromptDataModule
 from lit_vhead.builders import wrap_policy
-from lit_vhead.critic import Critic, CriticConfig, as_critic_config, build_critic, response_values
+from lit_vhead.critic import (
+    Critic,
+    CriticConfig,
+    _one_label_config,
+    as_critic_config,
+    build_critic,
+    response_values,
+)
 from lit_vhead.ppo.functional import compute_advantages, masked_whiten, ppo_loss
 from lit_vhead.rewards import RewardModel
 from lit_vhead.rollout import Rollout
@@ -143,3 +152,108 @@ def test_bad_critic_settings_fail_clearly():
         Critic(AutoModelForTokenClassification.from_config(config))
     assert as_critic_config("model") == CriticConfig(mode="model")
     assert as_critic_config({"mode": "lora", "lam": 0.9}) == CriticConfig(mode="lora", lam=0.9)
+
+
+# ---------------------------------------------------------------------- PPOModule: the Python path
+PPO = {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "learning_rate": 1e-3,
+       "generation": {"max_new_tokens": 4}}
+PROMPTS = ["Hello there", "The cat sat", "Once upon a time", "I think that"]
+
+
+def vowels(prompts, responses, **kw):
+    return [10 * sum(c in "aeiou " for c in r) / max(len(r), 1) for r in responses]
+
+
+class Record(L.Callback):
+    """The policy's and the critic's weights before the run, after every PPO step, and the value losses."""
+
+    def __init__(self):
+        self.policy, self.critic, self.value_losses = [], [], []
+
+    @staticmethod
+    def weights(module):
+        return {k: v.detach().clone() for k, v in module.named_parameters()}  # (a PEFT wrapper's state_dict: head)
+
+    def on_train_start(self, trainer, module):
+        self.policy.append(self.weights(module.policy))
+        self.critic.append(self.weights(module.critic) if module.critic is not None else None)
+
+    def on_train_epoch_end(self, trainer, module):
+        self.on_train_start(trainer, module)
+        self.value_losses.append(float(trainer.callback_metrics["ppo/loss/value"]))
+
+
+def fit(critic, byt5, peft=None, ppo=None, **kwargs):
+    torch.manual_seed(0)
+    module = PPOModule(tiny_hf_model("gpt2"), byt5, vowels, ppo={**PPO, **(ppo or {})}, critic=critic, peft=peft,
+                       sample_table_every=0, **kwargs)
+    record = Record()
+    L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, callbacks=[record]).fit(module, datamodule=PromptDataModule(PROMPTS, byt5))
+    return module, record
+
+
+def changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+LORA = LoraConfig(r=4, target_modules="all-linear")
+
+
+@pytest.mark.parametrize("mode", ["head", "model", "lora"])
+def test_each_critic_mode_trains_its_value_function_through_the_same_ppo_update(byt5, mode):
+    module, record = fit(mode, byt5, peft=LORA if mode == "lora" else None)
+    policy_changed = changed(record.policy[0], record.policy[-1])
+    assert any("lora_" in k or ".h.0." in k for k in policy_changed)  # the policy trained
+    assert not any("lora_" not in k and not k.startswith("v_head.") for k in policy_changed) or mode != "lora"
+    if mode == "head":
+        assert module.critic is None and any(k.startswith("v_head.") for k in policy_changed)
+        return
+    assert isinstance(module.critic, Critic) and module.critic.config.mode == mode
+    assert not any(k.startswith("v_head.") for k in policy_changed)  # a separate critic: the policy's head idles
+    critic_changed = changed(record.critic[0], record.critic[-1])
+    assert any("classifier" in k for k in critic_changed)  # the value loss trained the critic's head ...
+    assert any(("lora_" in k) if mode == "lora" else (".h.0." in k) for k in critic_changed)  # ... and its body
+    if mode == "lora":  # the shared base is the policy's frozen base
+        assert not any("lora_" not in k and "classifier" not in k for k in critic_changed)
+    groups = module.optimizers().optimizer.param_groups
+    assert [len(g["params"]) for g in groups][1] == len(module.critic.trainable_parameters())
+
+
+def test_a_transformers_value_model_is_a_critic_and_trains(byt5):
+    """TRL's ``value_model`` (a sequence-classification model with one label) passed as it is."""
+    value_model = AutoModelForTokenClassification.from_config(_one_label_config(tiny_hf_model("gpt2").config))
+    before = {k: v.clone() for k, v in value_model.state_dict().items()}
+    module, _ = fit(value_model, byt5)
+    assert module.critic.model is value_model
+    assert changed(before, value_model.state_dict())
+
+
+@pytest.mark.parametrize("mode", ["head", "model"])
+def test_critic_warmup_trains_the_value_function_and_holds_the_policy_fixed(byt5, mode):
+    module, record = fit(CriticConfig(mode=mode, warmup_steps=1), byt5)
+    head = {k for k in record.policy[0] if k.startswith("v_head.")}
+    during = changed(record.policy[0], record.policy[1])
+    if mode == "head":
+        assert during == head  # only the value head moved in the warm-up step
+    else:
+        assert during == set() and changed(record.critic[0], record.critic[1])
+    assert changed(record.policy[1], record.policy[2]) - head  # then the policy trains
+    assert all(p.requires_grad for p in module.policy.pretrained_model.parameters())  # restored after the warm-up
+
+
+def test_critic_learning_rate_is_its_own_parameter_group(byt5):
+    module, _ = fit(CriticConfig(mode="model", learning_rate=3e-4), byt5)
+    policy_group, critic_group = module.optimizers().optimizer.param_groups
+    assert policy_group["lr"] == PPO["learning_rate"] and critic_group["lr"] == 3e-4
+    assert {id(p) for p in critic_group["params"]} == {id(p) for p in module.critic.parameters()}
+    head_module, _ = fit(CriticConfig(mode="head", learning_rate=3e-4), byt5)
+    _, head_group = head_module.optimizers().optimizer.param_groups
+    assert {id(p) for p in head_group["params"]} == {id(p) for p in head_module.policy.v_head.parameters()}
+
+
+def test_a_critic_that_cannot_be_built_fails_before_any_model_is_built(byt5):
+    with pytest.raises(ValueError, match="critic=lora puts LoRA adapters on the policy's frozen base"):
+        PPOModule(tiny_hf_model("gpt2"), byt5, vowels, ppo=PPO, critic="lora")
+    with pytest.raises(ValueError, match="seq2seq policies train with critic=head"):
+        PPOModule(tiny_hf_model("t5"), byt5, vowels, ppo=PPO, critic="model")
