@@ -9,7 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from lit_vhead.cli import check_command_line, register_configs
-from lit_vhead.train import main as run
+from lit_vhead.run import main as run
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from lit_vhead import AutoModelForCausalLMWithValueHead  # noqa: E402
-from lit_vhead.value_head import mask_values  # noqa: E402
+from lit_vhead.sequence import mask_values  # noqa: E402
 
 
 def main() -> None:

@@ -68,7 +68,7 @@ def run_one(config_name: str, mode: str, args: argparse.Namespace) -> dict:
     import lightning as L
     from conftest import compose
 
-    import lit_vhead.train as lt
+    import lit_vhead.run as lt
 
     config = dict(CONFIGS[config_name], **(QUICK if args.quick else {}))
     config = {k: v for k, v in config.items() if k in CONFIGS[config_name]}

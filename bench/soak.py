@@ -44,7 +44,7 @@ def main() -> None:
 
     from conftest import compose  # the same composition the tests use
 
-    import lit_vhead.train as lt
+    import lit_vhead.run as lt
 
     probe = RSSProbe()
     original = lt._instantiate_dict

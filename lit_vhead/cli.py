@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lit_vhead.config import GenerationConfig, HeadConfig, PPOConfig
+from lit_vhead.config import HeadConfig, PPOConfig, SamplingConfig
 
 # PPOTrainer (TRL) settings the CLI does not read, and what to use instead.
 TRAINER_ONLY = {
@@ -127,7 +127,7 @@ def _known_keys(group: str, node: Any) -> set[str] | None:
     """The keys ``node`` (the config at ``group``) may hold; None when anything goes."""
     if not isinstance(node, DictConfig):
         return None
-    schemas = {"ppo": PPOSettings, "ppo.generation": GenerationConfig, "head": HeadConfig}
+    schemas = {"ppo": PPOSettings, "ppo.generation": SamplingConfig, "head": HeadConfig}
     if group in schemas:
         return {f.name for f in dataclasses.fields(schemas[group])}
     if group in ("ref", "reward"):  # instantiated: its target's arguments

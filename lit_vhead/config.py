@@ -55,7 +55,7 @@ class HeadConfig:
 
 
 @dataclass
-class GenerationConfig:
+class SamplingConfig:
     """Sampling settings of ``PPOModule``'s rollouts (TRL's usual PPO settings: pure sampling, no top-k/top-p).
 
     ``PPOTrainer`` users pass generation keyword arguments to ``generate`` instead, as in TRL.
@@ -149,7 +149,7 @@ class PPOConfig:
     global_batch_size: int | None = None
     dataset_num_proc: int | None = None
     missing_eos_penalty: float | None = None
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: SamplingConfig = field(default_factory=SamplingConfig)
     # "auto" | true | false. Typed str, normalised by validate(): Hydra turns ppo.cpu_kernels=true into "True", and
     # HfArgumentParser (TRL's examples/scripts/ppo.py parses PPOConfig with it) cannot parse an Any-typed field.
     cpu_kernels: str = "auto"
@@ -159,7 +159,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.generation, dict):
-            self.generation = GenerationConfig(**self.generation)
+            self.generation = SamplingConfig(**self.generation)
         try:
             self.kl_penalty = KLPenalty(getattr(self.kl_penalty, "value", self.kl_penalty))
         except ValueError:

@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lit_vhead.sequence import pad_sequences
+
 BUILTIN_PROMPTS = [
     "The movie was",
     "I think that",
@@ -197,7 +199,7 @@ class PromptDataModule(L.LightningDataModule):
                 )
 
     def collate(self, batch: list[list[int]]) -> dict[str, torch.Tensor]:
-        return pad_queries(batch, self.tokenizer.pad_token_id, self.padding_side)
+        return collate_prompts(batch, self.tokenizer.pad_token_id, self.padding_side)
 
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
@@ -212,7 +214,7 @@ def check_prompt_batch(batch: Any, batch_size: int, left_padded: bool) -> None:
         keys = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
         raise TypeError(
             f"A prompt batch must be a dict with 'query_ids' and 'query_mask' tensors [batch, tokens]; got {keys}. "
-            "Use lit_vhead.PromptDataModule, or lit_vhead.data.pad_queries in your DataLoader's collate_fn."
+            "Use lit_vhead.PromptDataModule, or lit_vhead.data.collate_prompts in your DataLoader's collate_fn."
         )
     ids, mask = batch["query_ids"], batch["query_mask"]
     if not (torch.is_tensor(ids) and torch.is_tensor(mask)) or ids.dim() != 2 or ids.shape != mask.shape:
@@ -228,17 +230,12 @@ def check_prompt_batch(batch: Any, batch_size: int, left_padded: bool) -> None:
     if left_padded and bool((mask[:, -1] == 0).any()):
         raise ValueError(
             "The prompt batch is right-padded (query_mask ends in 0); causal policies need left-padded prompts. "
-            "Use lit_vhead.PromptDataModule, or pad_queries(..., side='left') in your collate function."
+            "Use lit_vhead.PromptDataModule, or collate_prompts(..., side='left') in your collate function."
         )
 
 
-def pad_queries(queries: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
-    """Pad token-id lists into ``query_ids`` and ``query_mask`` [B, L] on the given side."""
-    width = max(len(q) for q in queries)
-    ids = torch.full((len(queries), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(queries), width), dtype=torch.long)
-    for row, query in enumerate(queries):
-        span = slice(width - len(query), width) if side == "left" else slice(0, len(query))
-        ids[row, span] = torch.as_tensor(query, dtype=torch.long)
-        mask[row, span] = 1
+def collate_prompts(queries: Sequence[Sequence[int]], pad_id: int, side: str) -> dict[str, torch.Tensor]:
+    """A prompt batch from token-id lists: ``query_ids`` and ``query_mask`` [B, L], padded on ``side`` (a
+    ``collate_fn`` for your own DataLoader; causal policies need ``side="left"``)."""
+    ids, mask = pad_sequences(queries, pad_id, side)
     return {"query_ids": ids, "query_mask": mask}

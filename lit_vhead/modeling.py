@@ -42,7 +42,8 @@ from lit_vhead.checkpoint import (
     load_value_head_state,
     read_tensors,
 )
-from lit_vhead.value_head import DEFAULT_INITIALIZER_RANGE, ValueHead, check_init_strategy, mask_values
+from lit_vhead.sequence import mask_values
+from lit_vhead.value_head import DEFAULT_INITIALIZER_RANGE, ValueHead, check_init_strategy
 
 logger = logging.getLogger(__name__)
 
@@ -738,6 +739,15 @@ class _ValueHeadModel(PreTrainedModelWrapper):
         output, hidden = self._base_forward(**model_inputs)
         value = self.v_head(hidden).squeeze(-1)
         return output, mask_values(value, self._value_mask(model_inputs.get("attention_mask"), model_inputs, value))
+
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **model_inputs: Any) -> torch.Tensor:
+        """The values ``[B, T]`` alone (:class:`lit_vhead.interfaces.ValueFunction`), zero at padding."""
+        return self.forward_with_values(input_ids=input_ids, attention_mask=attention_mask, **model_inputs)[1]
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters PPO updates: the value head's and the base model's that require gradients (a PEFT base's
+        adapters, not its frozen weights)."""
+        return (p for p in self.parameters() if p.requires_grad)
 
     def _value_mask(self, attention_mask: torch.Tensor | None, kwargs: dict, value: torch.Tensor):
         return attention_mask if attention_mask is not None and attention_mask.shape == value.shape else None

@@ -1,7 +1,7 @@
 """``PPOModule``: PPO for causal and seq2seq value-head models as a LightningModule (manual optimisation).
 
 One ``training_step`` is one PPO step (TRL classic's ``step``): a rollout (:meth:`PPOModule.generate_rollout`), its
-scores (:meth:`PPOModule.score_rollout`), then the update of :class:`lit_vhead.ppo.core.PPOCore`, the same code that
+scores (:meth:`PPOModule.score_rollout`), then the update of :class:`lit_vhead.ppo.engine.PPOCore`, the same code that
 ``lit_vhead.PPOTrainer.step`` runs. A PPO step is one Lightning epoch of one batch, so ``max_epochs`` = PPO steps,
 checkpoints fall between PPO steps, and loggers' x-axis counts PPO steps.
 
@@ -47,7 +47,7 @@ from lit_vhead.critic import (
 )
 from lit_vhead.data import check_prompt_batch, step_seed
 from lit_vhead.modeling import PreTrainedModelWrapper
-from lit_vhead.ppo.core import Engine, PPOCore, default_optimizer
+from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer
 from lit_vhead.reference import Reference, ReferenceConfig, shard_policy
 from lit_vhead.rewards import RewardInputs, RewardSource, as_reward_source, check_scores
 from lit_vhead.rollout import Rollout, generate

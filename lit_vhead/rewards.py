@@ -265,7 +265,7 @@ class RewardAdapter(RewardSource):
         self.policy = policy
 
     def compute(self, inputs: RewardInputs) -> torch.Tensor:
-        from lit_vhead.value_head import gather_last, position_ids_from_mask
+        from lit_vhead.sequence import gather_last, position_ids_from_mask
 
         mask = inputs.attention_mask
         extra = {}

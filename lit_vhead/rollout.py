@@ -11,10 +11,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lit_vhead.config import GenerationConfig
+from lit_vhead.config import SamplingConfig
 from lit_vhead.kernels import fast_kernels
 from lit_vhead.ppo import logprobs_from_logits
-from lit_vhead.value_head import position_ids_from_mask
+from lit_vhead.sequence import position_ids_from_mask
 
 
 @dataclass
@@ -57,7 +57,7 @@ def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int | None)
 
 
 @torch.no_grad()
-def generate(policy, batch: dict[str, torch.Tensor], settings: GenerationConfig, tokenizer,
+def generate(policy, batch: dict[str, torch.Tensor], settings: SamplingConfig, tokenizer,
              cpu_kernels: bool | str = False) -> Rollout:
     """Sample one response per prompt with the KV cache; responses end at (and keep) their first EOS.
 

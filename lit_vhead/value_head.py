@@ -73,33 +73,3 @@ def check_init_strategy(init_strategy: str | None) -> None:
             f"Unknown v_head_init_strategy={init_strategy!r}; use one of {list(INIT_STRATEGIES)} "
             "(None keeps nn.Linear's default init, 'normal' draws N(0, v_head_initializer_range))."
         )
-
-
-def mask_values(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the values at padding positions (``mask == 0``) so no caller reads them by accident."""
-    if mask is None:
-        return values
-    if mask.shape != values.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} does not match values shape {tuple(values.shape)}.")
-    return values.masked_fill(mask == 0, 0.0)
-
-
-def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
-    """Positions counted from each row's first real token (0 at padding before it), so a left-padded row gets the
-    positions it has alone (trl#469)."""
-    return (mask.cumsum(-1) - 1).clamp_min(0)
-
-
-def last_token_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last position with ``mask == 1`` in each row, for left, right or no padding."""
-    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
-    last = torch.where(mask.bool(), positions, -1).amax(dim=-1)
-    if (last < 0).any():
-        raise ValueError("A row of the mask is all padding: there is no last token to read.")
-    return last
-
-
-def gather_last(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The value (or score) at each row's last real token: ``[B, T, ...] -> [B, ...]``."""
-    index = last_token_index(mask)
-    return values[torch.arange(values.shape[0], device=values.device), index]

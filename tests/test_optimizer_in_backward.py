@@ -13,7 +13,7 @@ from test_ppo_core import BATCH, rollout
 from test_python_api import PPO, PROMPTS, vowels
 
 from lit_vhead import AutoModelForCausalLMWithValueHead, PPOConfig, PPOModule, PPOTrainer, PromptDataModule
-from lit_vhead.ppo.core import Engine, PPOCore, default_optimizer
+from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer
 from lit_vhead.ppo.optimizer_in_backward import why_not
 from lit_vhead.reference import ReferenceConfig
 

@@ -4,7 +4,7 @@ import pytest
 from conftest import FAST, compose
 
 from lit_vhead.plot import main, read_metrics
-from lit_vhead.train import train
+from lit_vhead.run import train
 
 
 def test_plot_cli_redraws_one_run_and_compares_several(tmp_path, capsys):

@@ -6,7 +6,7 @@ import torch
 from conftest import VOCAB, tiny_hf_model
 
 from lit_vhead import AutoModelForCausalLMWithValueHead, PPOConfig, ReferenceConfig
-from lit_vhead.ppo.core import Engine, PPOCore
+from lit_vhead.ppo.engine import Engine, PPOCore
 from lit_vhead.rollout import Rollout
 
 BATCH = 8

@@ -32,7 +32,7 @@ from lit_vhead import (
     RewardSource,
 )
 from lit_vhead.builders import ModelNotFoundError
-from lit_vhead.data import pad_queries
+from lit_vhead.data import collate_prompts
 from lit_vhead.module import reward_inputs
 from lit_vhead.rewards import RewardError, RewardModel
 
@@ -271,7 +271,8 @@ def test_wrong_prompt_data_fails_in_its_constructor(case):
 
 def right_padded_loader(tokenizer, batch_size=PPO["batch_size"]):
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
-    return DataLoader(ids, batch_size=batch_size, collate_fn=lambda b: pad_queries(b, tokenizer.pad_token_id, "right"))
+    pad = tokenizer.pad_token_id
+    return DataLoader(ids, batch_size=batch_size, collate_fn=lambda b: collate_prompts(b, pad, "right"))
 
 
 SETUP_ERRORS = {  # case: (what to change, given the tokenizer; error; words in the message)
@@ -424,7 +425,7 @@ def test_fast_dev_run_takes_one_ppo_step(byt5):
 def test_own_dataloader_of_many_batches_still_takes_ppo_steps(byt5):
     """A user's DataLoader with several batches: each PPO step (epoch) takes one batch, ppo.steps in all."""
     ids = [byt5(f"prompt number {i}", add_special_tokens=False)["input_ids"] for i in range(16)]
-    loader = DataLoader(ids, batch_size=4, shuffle=True, collate_fn=lambda b: pad_queries(b, 0, "left"))
+    loader = DataLoader(ids, batch_size=4, shuffle=True, collate_fn=lambda b: collate_prompts(b, 0, "left"))
     batches = Batches(byt5)
     fit = trainer(callbacks=[batches])
     fit.fit(PPOModule(tiny_hf_model("gpt2"), byt5, vowels, ppo={**PPO, "steps": 3}), train_dataloaders=loader)

@@ -14,7 +14,7 @@ from conftest import FAST, ROOT, compose
 from test_train import run_cli
 
 from lit_vhead.builders import ModelNotFoundError
-from lit_vhead.train import train
+from lit_vhead.run import train
 
 README = open(f"{ROOT}/README.md").read()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)

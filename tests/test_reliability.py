@@ -19,7 +19,7 @@ from test_train import read_csv, run_cli
 
 from lit_vhead.checkpoint_io import AtomicCheckpointIO
 from lit_vhead.config import as_ppo_config
-from lit_vhead.train import train
+from lit_vhead.run import train
 
 RESUME_ARGS = ["ppo.steps=8", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.generation.max_new_tokens=8",
                "logger=csv", "callbacks.model_checkpoint.every_n_epochs=2", "callbacks.progress_bar=null",

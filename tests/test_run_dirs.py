@@ -16,8 +16,8 @@ from test_train import read_csv, run_cli
 
 import lit_vhead.module
 from lit_vhead.rewards import RewardError
+from lit_vhead.run import main, train
 from lit_vhead.rundir import RunDirBusyError, own_run_dir
-from lit_vhead.train import main, train
 
 CHECKPOINTED = FAST + ["callbacks=default", "callbacks.progress_bar=null"]
 HELPERS = os.path.dirname(os.path.abspath(__file__))

@@ -71,7 +71,7 @@ def test_multi_gpu_trainer_configs_compose(tmp_path, trainer):
 def test_fsdp2_config_trains_with_a_sharded_policy(tmp_path):
     """`trainer=fsdp` (FSDP2) runs real PPO steps (on the CPU here, gloo): the policy's weights are sharded DTensors,
     the reference a plain frozen copy, and the run learns the same way as unsharded."""
-    from lit_vhead.train import train
+    from lit_vhead.run import train
 
     capture = Capture()
     overrides = ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true", "ppo.max_grad_norm=1.0",
@@ -98,7 +98,7 @@ def test_fsdp2_config_trains_with_a_sharded_policy(tmp_path):
 
 
 def test_zero3_refuses_a_copied_reference_before_building(tmp_path):
-    from lit_vhead.train import train
+    from lit_vhead.run import train
 
     with pytest.raises(ValueError, match="ZeRO-3"):
         train(compose(FAST + ["trainer=deepspeed3", "ref=copy"], tmp_path))

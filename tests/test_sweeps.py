@@ -9,7 +9,7 @@ import yaml
 from conftest import FAST, compose
 from test_train import run_cli
 
-from lit_vhead.train import main, metric_value
+from lit_vhead.run import main, metric_value
 
 SHORT = ["ppo.steps=2", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.generation.max_new_tokens=8",
          "logger=csv", "callbacks=none"]

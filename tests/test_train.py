@@ -20,7 +20,7 @@ from lit_vhead import AutoModelForCausalLMWithValueHead
 from lit_vhead.builders import ModelNotFoundError
 from lit_vhead.ppo import KL_PENALTY_KINDS
 from lit_vhead.rewards import RewardError
-from lit_vhead.train import main, train
+from lit_vhead.run import main, train
 
 TRL_METRICS = [
     "env/reward_mean", "env/reward_std", "objective/kl", "objective/kl_coef", "objective/entropy",
@@ -52,17 +52,17 @@ class RecordInitialPolicy(L.Callback):
 
 def fit_with(cfg, extra_callbacks):
     """train() with extra callbacks appended (the config's callbacks group is a dict of _target_ nodes)."""
-    original = lit_vhead.train._instantiate_dict
+    original = lit_vhead.run._instantiate_dict
 
     def instantiate(node):
         made = original(node)
         return made + extra_callbacks if node is cfg.get("callbacks") else made
 
-    lit_vhead.train._instantiate_dict = instantiate
+    lit_vhead.run._instantiate_dict = instantiate
     try:
         return train(cfg)
     finally:
-        lit_vhead.train._instantiate_dict = original
+        lit_vhead.run._instantiate_dict = original
 
 
 # Third-party console output that tells a user of `python train.py` nothing (issue 11, item 6).

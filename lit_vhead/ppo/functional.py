@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from lit_vhead.sequence import last_token_index
+
 KL_PENALTY_KINDS = ("kl", "abs", "mse", "full", "k3")
 
 
@@ -199,11 +201,8 @@ def kl_rewards(
     ``ValueError`` (it has nowhere to put its score).
     """
     non_score_rewards = -kl_coef * kls
-    present = mask.bool()
-    if not present.any(dim=1).all():
-        raise ValueError("compute_rewards: every row needs at least one response token (mask == 1).")
-    positions = torch.arange(present.shape[1], device=present.device).expand_as(present)
-    last = torch.where(present, positions, -1).amax(dim=1, keepdim=True)
+    last = last_token_index(mask, "compute_rewards: every row needs at least one response token (mask == 1).")
+    last = last.unsqueeze(1)
     rewards = non_score_rewards.scatter_add(1, last, scores.to(non_score_rewards.dtype).unsqueeze(1))
     return rewards, non_score_rewards, kls
 

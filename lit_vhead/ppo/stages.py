@@ -1,6 +1,6 @@
 """The stages of one PPO update that a loop may override, with TRL 0.11.4's ``PPOTrainer`` names and signatures.
 
-:class:`~lit_vhead.ppo.core.PPOCore` runs the update and calls these methods, in TRL's order, on the object its caller
+:class:`~lit_vhead.ppo.engine.PPOCore` runs the update and calls these methods, in TRL's order, on the object its caller
 hands it (``Engine.stages``). ``PPOTrainer`` is a ``PPOStages`` and hands itself, so a subclass that overrides
 ``compute_rewards``, ``loss``, ``batched_forward_pass``... changes what its ``step`` does; ``PPOModule`` uses this class
 as it is. Each default is a call of :mod:`lit_vhead.ppo.functional` with the config's settings: the algorithm exists

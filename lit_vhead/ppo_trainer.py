@@ -13,7 +13,7 @@ A classic script keeps its loop and changes its imports::
         ppo_trainer.log_stats(stats, batch, rewards)
 
 ``step`` checks its inputs (``_step_safety_checker``), lays them out (``prepare_model_inputs``) and hands them to
-:class:`~lit_vhead.ppo.core.PPOCore` (the code ``PPOModule`` runs too), with this trainer as the core's
+:class:`~lit_vhead.ppo.engine.PPOCore` (the code ``PPOModule`` runs too), with this trainer as the core's
 :class:`~lit_vhead.ppo.stages.PPOStages`: the core calls back ``batched_forward_pass``, ``compute_rewards``
 (``_kl_penalty``), ``compute_advantages``, ``loss``, ``_early_stop``, ``record_step_stats`` and ``gather_stats``, so a
 subclass that overrides one changes what ``step`` does, as in TRL. With the same weights and inputs it gives TRL
@@ -56,15 +56,14 @@ from lit_vhead.accelerator import (
 )
 from lit_vhead.config import PPOConfig, as_ppo_config
 from lit_vhead.core import convert_to_scalar, set_seed, stats_to_np
-from lit_vhead.data import pad_queries
 from lit_vhead.kernels import fast_kernels
 from lit_vhead.modeling import PreTrainedModelWrapper
-from lit_vhead.ppo.core import Engine, PPOCore, default_optimizer
+from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer
 from lit_vhead.ppo.stages import PPOStages, training_compiled
 from lit_vhead.reference import Reference, ReferenceConfig
 from lit_vhead.rollout import Rollout, forward_window
+from lit_vhead.sequence import pad_sequences, position_ids_from_mask
 from lit_vhead.trainer_state import load_trainer_state, save_trainer_state
-from lit_vhead.value_head import position_ids_from_mask
 
 
 class PPOTrainer(PPOStages):
@@ -313,10 +312,10 @@ class PPOTrainer(PPOStages):
             batch = [q.tolist() for q in query_tensors[begin : begin + batch_size]]
             extra = (-max(map(len, batch))) % pad_to_multiple_of if pad_to_multiple_of else 0
             pad = self._pad_token_id(batch, extra=extra)
-            padded = pad_queries(batch, pad, side)
+            ids, mask = pad_sequences(batch, pad, side)
             sides = (extra, 0) if side == "left" else (0, extra)
-            input_ids = torch.nn.functional.pad(padded["query_ids"], sides, value=pad).to(self.current_device)
-            mask = torch.nn.functional.pad(padded["query_mask"], sides, value=0).to(self.current_device)
+            input_ids = torch.nn.functional.pad(ids, sides, value=pad).to(self.current_device)
+            mask = torch.nn.functional.pad(mask, sides, value=0).to(self.current_device)
             generations = model.generate(input_ids=input_ids, attention_mask=mask, **generation_kwargs)
             width = input_ids.shape[1]
             for query, generation in zip(batch, generations):
@@ -447,14 +446,14 @@ class PPOTrainer(PPOStages):
         (``decoder_input_ids``/``decoder_attention_mask``), right-padded."""
         pad = self._pad_token_id(queries, responses)
         query_side = "right" if self.is_encoder_decoder else "left"
-        query = pad_queries([q.tolist() for q in queries], pad, query_side)
-        response = pad_queries([r.tolist() for r in responses], pad, "right")
+        query_ids, query_mask = pad_sequences([q.tolist() for q in queries], pad, query_side)
+        response_ids, response_mask = pad_sequences([r.tolist() for r in responses], pad, "right")
         if self.is_encoder_decoder:
-            inputs = {"input_ids": query["query_ids"], "attention_mask": query["query_mask"],
-                      "decoder_input_ids": response["query_ids"], "decoder_attention_mask": response["query_mask"]}
+            inputs = {"input_ids": query_ids, "attention_mask": query_mask,
+                      "decoder_input_ids": response_ids, "decoder_attention_mask": response_mask}
         else:
-            inputs = {"input_ids": torch.cat([query["query_ids"], response["query_ids"]], 1),
-                      "attention_mask": torch.cat([query["query_mask"], response["query_mask"]], 1)}
+            inputs = {"input_ids": torch.cat([query_ids, response_ids], 1),
+                      "attention_mask": torch.cat([query_mask, response_mask], 1)}
         return {key: value.to(self.current_device) for key, value in inputs.items()}
 
     def batched_forward_pass(
@@ -541,12 +540,13 @@ class PPOTrainer(PPOStages):
         if self.is_encoder_decoder:
             decoder_start = torch.stack([r[:1] for r in responses])
             responses = [r[1:] for r in responses]
-        query = pad_queries([q.tolist() for q in queries], pad, "right" if self.is_encoder_decoder else "left")
-        response = pad_queries([r.tolist() for r in responses], pad, "right")
+        query_side = "right" if self.is_encoder_decoder else "left"
+        query_ids, query_mask = pad_sequences([q.tolist() for q in queries], pad, query_side)
+        response_ids, response_mask = pad_sequences([r.tolist() for r in responses], pad, "right")
         device = self.current_device
         return Rollout(
-            query["query_ids"].to(device), query["query_mask"].to(device), response["query_ids"].to(device),
-            response["query_mask"].to(device), decoder_start, rows=torch.arange(len(queries), device=device),
+            query_ids.to(device), query_mask.to(device), response_ids.to(device), response_mask.to(device),
+            decoder_start, rows=torch.arange(len(queries), device=device),
         )
 
     # ------------------------------------------------------------------ logging
