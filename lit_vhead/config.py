@@ -125,7 +125,7 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2
-    cliprange_value: float = 0.2
+    cliprange_value: float | None = 0.2  # None: value clipping off
     vf_coef: float = 0.1
     batch_size: int = 128
     forward_batch_size: int | None = None

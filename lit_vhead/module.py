@@ -15,6 +15,7 @@ and ``python train.py`` builds it from the Hydra config through the same constru
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -35,6 +36,15 @@ from lit_vhead.builders import (
     wrap_policy,
 )
 from lit_vhead.config import HeadConfig, PPOConfig, as_head_config, as_ppo_config
+from lit_vhead.critic import (
+    Critic,
+    as_critic_config,
+    build_critic,
+    check_critic_vocabulary,
+    frozen,
+    parameter_groups,
+    policy_parameters,
+)
 from lit_vhead.data import check_prompt_batch, step_seed
 from lit_vhead.modeling import PreTrainedModelWrapper
 from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer
@@ -92,7 +102,13 @@ class PPOModule(L.LightningModule):
         ref: the reference (``ReferenceConfig``, a dict of its fields, or its mode ``"copy"``/``"shared"``/``"peft"``);
             None gives a frozen copy, or the adapters-disabled base for a PEFT policy. A ``ReferenceModelCallback``
             overrides it.
-        optimizer: ``fn(params) -> Optimizer``; default TRL's Adam at ``ppo.learning_rate``.
+        critic: the value function PPO trains (:mod:`lit_vhead.critic`): None or ``"head"`` (the policy's value head,
+            TRL classic), ``"model"`` / ``"lora"``, a ``CriticConfig`` (or a dict of its fields: mode, init,
+            learning_rate, warmup_steps, lam), a built :class:`~lit_vhead.critic.Critic`, or a transformers value
+            model (``AutoModelFor{Token,Sequence}Classification`` with ``num_labels=1``, TRL's ``value_model``).
+        optimizer: ``fn(params) -> Optimizer``; default TRL's Adam at ``ppo.learning_rate``. ``params`` are parameter
+            groups (policy, then value function at ``critic.learning_rate``) unless the critic is the policy's
+            head at the policy's rate.
         scheduler: ``fn(optimizer) -> LRScheduler``, stepped once per PPO step.
         sample_table_every: log a table of prompts/responses/rewards every N PPO steps (0: never).
     """
@@ -106,6 +122,7 @@ class PPOModule(L.LightningModule):
         head: HeadConfig | Mapping | None = None,
         peft: Any = None,
         ref: ReferenceConfig | str | Mapping | None = None,
+        critic: Any = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         sample_table_every: int = 10,
@@ -154,7 +171,29 @@ class PPOModule(L.LightningModule):
             self.ref.validate(self.policy)  # e.g. ref="peft" without a PEFT policy, or a bad num_shared_layers
         self.__dict__["reference"] = None  # not a submodule: never in checkpoints, never wrapped by DDP
         self._reference_sum: float | None = None  # its fingerprint, checked on resume
-        self.core = PPOCore(self.ppo)
+        self.critic: Critic | None = None  # a separate value function (a submodule: in checkpoints); None: the head
+        if isinstance(critic, torch.nn.Module) and not isinstance(critic, Critic):
+            critic = Critic(critic)  # a transformers value model (TRL's value_model)
+        if isinstance(critic, Critic):
+            self.critic, self.critic_config = critic, critic.config
+        else:
+            self.critic_config = as_critic_config(critic)
+        self._check_critic()
+        self.core = PPOCore(self.ppo, critic_lam=self.critic_config.lam)
+
+    def _check_critic(self) -> None:
+        """A critic that cannot be built here fails now, before any model is built."""
+        mode = self.critic_config.mode
+        if mode == "head":
+            return
+        if self.is_encoder_decoder:
+            raise ValueError(f"critic={mode} needs a causal policy; seq2seq policies train with critic=head.")
+        is_peft = self.peft_config is not None or (self.policy is not None and self.policy.is_peft_model)
+        if mode == "lora" and self.critic is None and not is_peft:
+            raise ValueError(
+                "critic=lora puts LoRA adapters on the policy's frozen base, so the policy needs adapters too: add "
+                "peft=lora (PPOModule(peft=LoraConfig(...))), or use critic=model."
+            )
 
     @property
     def _reward_adapter(self) -> str | None:
@@ -225,6 +264,9 @@ class PPOModule(L.LightningModule):
         if self.ppo.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.policy.train()
+        if self.critic is None:
+            self.critic = build_critic(self.critic_config, self.policy, self.reward)
+        check_critic_vocabulary(self.critic, self.tokenizer)
         ref = self.ref or ReferenceConfig(mode="peft" if self.policy.is_peft_model else "copy")
         self.__dict__["reference"] = ref.build(self.policy)
         self._reference_sum = reference_fingerprint(self.reference)
@@ -234,7 +276,7 @@ class PPOModule(L.LightningModule):
             shard_policy(self.policy, self.device_mesh["data_parallel"])
 
     def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        params = parameter_groups(self.policy, self.critic, self.ppo.learning_rate, self.critic_config.learning_rate)
         optimizer = (self.optimizer_factory or default_optimizer(self.ppo.learning_rate))(params)
         if self.scheduler_factory is None:
             return optimizer
@@ -276,8 +318,12 @@ class PPOModule(L.LightningModule):
             temperature=self.ppo.generation.temperature,
             local_gradients=isinstance(self.trainer.strategy, SingleDeviceStrategy)
             and getattr(self.trainer.precision_plugin, "scaler", None) is None,
+            critic=self.critic,
+            train_policy=step >= self.critic_config.warmup_steps,
         )
-        output = self.core.step(engine, rollout, scores, self.tokenizer.eos_token_id, step)
+        # Critic warm-up: the value function trains alone, the policy's weights are held fixed.
+        with contextlib.nullcontext() if engine.train_policy else frozen(policy_parameters(self.policy, self.critic)):
+            output = self.core.step(engine, rollout, scores, self.tokenizer.eos_token_id, step)
         metrics = output.stats
         metrics["time/ppo/generation"] = generation_time
         metrics["ppo/step"] = float(step)

@@ -239,6 +239,7 @@ def compute_advantages(
     lam: float,
     whiten_rewards: bool = False,
     distributed: bool = False,
+    critic_lam: float | None = None,
     advantage_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GAE over the response tokens, as TRL (without its whitened-padding leak).
@@ -250,6 +251,8 @@ def compute_advantages(
     Then ``δ_t = r_t + γ·V_{t+1} − V_t`` and ``A_t = δ_t + γλ·A_{t+1}`` from the end (``V_T = A_T = 0``),
     ``returns = A + V``, and the advantages are
     whitened over ``mask`` and detached. ``distributed`` makes both whitenings use every rank's batch.
+    ``critic_lam`` (None: ``lam``, TRL's math) decouples the value targets: ``returns = A(critic_lam) + V`` while the
+    policy's advantages keep ``lam`` (VC-PPO/VAPO's decoupled GAE).
     ``advantage_mask=extend_mask(mask)`` is TRL 0.29.1's experimental trainer (the state after the response keeps
     its value and reward). Returns ``(masked_values, advantages, returns)``, each ``[B, T]``.
     """
@@ -259,19 +262,25 @@ def compute_advantages(
     rewards = rewards * w
     if whiten_rewards:  # masked again: TRL let whitened padding rewards leak into real tokens' GAE
         rewards = masked_whiten(rewards, value_mask, shift_mean=False, distributed=distributed) * w
-    gen_len = rewards.shape[-1]
+    advantages = gae(values, rewards, gamma, lam)
+    returns = advantages + values if critic_lam is None or critic_lam == lam else gae(values, rewards, gamma,
+                                                                                       critic_lam) + values
+    advantages = masked_whiten(advantages, mask, distributed=distributed).detach()
+    return values, advantages, returns
+
+
+def gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimates ``[B, T]``: ``δ_t = r_t + γ·V_{t+1} − V_t``, ``A_t = δ_t + γλ·A_{t+1}`` from
+    the end (``V_T = A_T = 0``)."""
     last_gae = torch.zeros_like(rewards[:, 0])
     next_values = torch.zeros_like(values[:, 0])
     reversed_advantages = []
-    for t in reversed(range(gen_len)):
+    for t in reversed(range(rewards.shape[-1])):
         delta = rewards[:, t] + gamma * next_values - values[:, t]
         last_gae = delta + gamma * lam * last_gae
         reversed_advantages.append(last_gae)
         next_values = values[:, t]
-    advantages = torch.stack(reversed_advantages[::-1], dim=1)
-    returns = advantages + values
-    advantages = masked_whiten(advantages, mask, distributed=distributed).detach()
-    return values, advantages, returns
+    return torch.stack(reversed_advantages[::-1], dim=1)
 
 
 def ppo_loss(
@@ -283,7 +292,7 @@ def ppo_loss(
     advantages: torch.Tensor,
     returns: torch.Tensor,
     cliprange: float,
-    cliprange_value: float,
+    cliprange_value: float | None,
     vf_coef: float,
     entropy: torch.Tensor | None = None,
     value_mask: torch.Tensor | None = None,
@@ -292,7 +301,8 @@ def ppo_loss(
 
     Inputs are ``[B, T]``: rollout ``old_logprobs`` and ``values``, current ``logprobs`` and ``vpreds``, the
     whitened ``advantages`` and the ``returns`` from :func:`compute_advantages`; ``entropy`` is optional per-token
-    entropy, only logged. Returns ``(pg_loss, vf_coef · vf_loss, stats)``; their sum is the loss to backpropagate.
+    entropy, only logged; ``cliprange_value=None`` turns value clipping off (the plain squared error). Returns
+    ``(pg_loss, vf_coef · vf_loss, stats)``; their sum is the loss to backpropagate.
 
     ``stats`` holds detached 0-d tensors under TRL's names (without TRL's ``ppo/`` prefix and its histogram
     entries): ``loss/{policy,value,total}`` (``loss/value`` is unscaled), ``policy/{entropy,approxkl,policykl,
@@ -317,9 +327,12 @@ def ppo_loss(
     def vvar(x: torch.Tensor) -> torch.Tensor:
         return vmean((x - vmean(x)).square()) * (value_count / (value_count - 1))
 
-    vpred_clipped = torch.max(torch.min(vpreds, values + cliprange_value), values - cliprange_value)
     vf_losses1 = (vpreds - returns).square()
-    vf_losses2 = (vpred_clipped - returns).square()
+    if cliprange_value is None:  # value clipping off
+        vf_losses2 = vf_losses1
+    else:
+        vpred_clipped = torch.max(torch.min(vpreds, values + cliprange_value), values - cliprange_value)
+        vf_losses2 = (vpred_clipped - returns).square()
     vf_loss = 0.5 * vmean(torch.max(vf_losses1, vf_losses2))
 
     log_ratio = logprobs - old_logprobs

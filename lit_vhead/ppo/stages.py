@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lit_vhead.critic import response_values
 from lit_vhead.kernels import compiled
 from lit_vhead.ppo.functional import (
     compute_advantages,
@@ -52,7 +53,10 @@ def _is_scalar(value: Any) -> bool:
 
 
 class PPOStages:
-    """The overridable stages; they read ``self.config`` (a ``PPOConfig``) and ``self.kl_ctl`` (the KL controller)."""
+    """The overridable stages; they read ``self.config`` (a ``PPOConfig``), ``self.kl_ctl`` (the KL controller) and
+    ``self.critic_lam`` (the value targets' GAE lambda; None: ``config.lam``)."""
+
+    critic_lam: float | None = None
 
     def __init__(self, config: Any, kl_ctl: KLController) -> None:
         self.config = config
@@ -67,6 +71,10 @@ class PPOStages:
         out = training_compiled(forward, self.config)(model, rollout, temperature)
         mask = rollout.train_mask if rollout.train_mask is not None else rollout.response_mask
         return out.logprobs, out.logits if return_logits else None, out.values, mask
+
+    def critic_values(self, critic: Any, rollout: Rollout) -> torch.Tensor:
+        """Values ``[B, T]`` of a separate critic over the rollout's responses (the window of ``rollout_forward``)."""
+        return training_compiled(response_values, self.config)(critic, rollout)
 
     # ------------------------------------------------------------------ rewards and advantages
     def _kl_penalty(self, logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
@@ -93,10 +101,11 @@ class PPOStages:
 
     def compute_advantages(self, values: torch.Tensor, rewards: torch.Tensor,
                            mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(masked values, whitened advantages, returns)`` by GAE (whitened over every process's batch)."""
+        """``(masked values, whitened advantages, returns)`` by GAE (whitened over every process's batch); the returns
+        use ``critic_lam`` when set."""
         c = self.config
         return compute_advantages(values, rewards, mask, c.gamma, c.lam, c.whiten_rewards, distributed=True,
-                                  advantage_mask=self.value_mask(mask))
+                                  critic_lam=self.critic_lam, advantage_mask=self.value_mask(mask))
 
     # ------------------------------------------------------------------ the minibatch loss
     def loss(self, old_logprobs: torch.Tensor, values: torch.Tensor, logits: torch.Tensor, vpreds: torch.Tensor,
