@@ -25,13 +25,14 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 from transformers import TrainerState
 
-from lit_vhead.data import pad_queries, step_seed
+from lit_vhead.critic import Critic
+from lit_vhead.data import step_seed
 from lit_vhead.experimental.ppo.ppo_config import PPOConfig
 from lit_vhead.module import PPOModule
 from lit_vhead.ppo.functional import masked_mean, masked_var, masked_whiten
 from lit_vhead.reference import Reference, ReferenceConfig
 from lit_vhead.rollout import Rollout, generate
-from lit_vhead.value_head import gather_last, position_ids_from_mask
+from lit_vhead.sequence import gather_last, pad_sequences
 
 __all__ = [
     "OnlineTrainerState",
@@ -86,17 +87,6 @@ def batch_generation(model: nn.Module, queries: torch.Tensor, local_rollout_forw
     return torch.cat([queries, responses], 1), logits
 
 
-@torch.no_grad()
-def sequence_scores(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """A sequence-classification model's first logit at each row's last real token (TRL's ``get_reward``: the
-    backbone's last hidden state through ``model.score``), with positions counted from the first real token."""
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-    head = getattr(model, "score", None) or getattr(model, "classifier", None)
-    return gather_last(head(hidden)[..., 0], attention_mask).float()
-
-
 class StepBatches(Sampler[list[int]]):
     """The prompt indices of each PPO step: passes over the data set in a shuffled order (TRL's ``shuffle=True,
     drop_last=True`` loader, repeated), each pass's order drawn from ``(seed, pass, rank)``, so step ``s`` always gets
@@ -149,7 +139,8 @@ class QueryCollator:
         queries = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
         if any(not q for q in queries):
             raise ValueError("A prompt in the data set is empty (no input_ids): every prompt needs a token.")
-        return pad_queries(queries, self.pad_token_id, "left")
+        ids, mask = pad_sequences(queries, self.pad_token_id, "left")
+        return {"query_ids": ids, "query_mask": mask}
 
 
 class ExperimentalPPOModule(PPOModule):
@@ -160,7 +151,10 @@ class ExperimentalPPOModule(PPOModule):
     def __init__(self, *args: Any, reward_model: nn.Module, ref_model: nn.Module | None,
                  make_optimizer: Callable[[ExperimentalPPOModule], Any], **kwargs: Any) -> None:
         super().__init__(*args, reward=None, **kwargs)
-        self.__dict__["reward_model"] = reward_model  # not a submodule: never trained, never in checkpoints
+        # Not submodules: never trained, never in checkpoints. The reward reads its model as the critic reads the value
+        # model (backbone + one-output head at every position), at each sequence's last real token.
+        self.__dict__["reward_model"] = reward_model
+        self.__dict__["reward_scorer"] = Critic(reward_model)
         self.__dict__["user_ref"] = ref_model
         self.make_optimizer = make_optimizer
         self.last_rollout: Rollout | None = None
@@ -189,7 +183,8 @@ class ExperimentalPPOModule(PPOModule):
         """The reward model's score of prompt + response (cut after its EOS), read at the response's last token."""
         self.last_rollout = rollout
         input_ids, attention_mask = rollout.full_sequence()
-        return sequence_scores(self.reward_model, input_ids, attention_mask)
+        with torch.no_grad():
+            return gather_last(self.reward_scorer.values(input_ids, attention_mask), attention_mask)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -274,8 +269,12 @@ class PPOTrainer:
                 f"{type(args).__name__}; import PPOConfig from lit_vhead.experimental.ppo too."
             )
         check_tokenizer(processing_class)
-        _check_scorer(reward_model, "reward_model")
-        _check_scorer(value_model, "value_model")
+        for name, scorer in (("reward_model", reward_model), ("value_model", value_model)):
+            if not isinstance(scorer, nn.Module):
+                raise TypeError(
+                    f"{name} must be a transformers model with a one-output head, e.g. AutoModelForSequence"
+                    f"Classification.from_pretrained(path, num_labels=1); got {type(scorer).__name__}."
+                )
         _check_dataset(train_dataset, "train_dataset")
         if eval_dataset is not None:
             _check_dataset(eval_dataset, "eval_dataset")
@@ -307,10 +306,10 @@ class PPOTrainer:
             ref = ReferenceConfig(mode="peft", adapter_name=args.ref_adapter_name)
         self.module = ExperimentalPPOModule(
             model, processing_class, ppo=ppo, peft=peft_config, ref=ref, sample_table_every=0,
-            critic=_critic(value_model), reward_model=reward_model, ref_model=ref_model,
+            critic=value_model, reward_model=reward_model, ref_model=ref_model,
             make_optimizer=self._make_optimizer,
         )
-        self.model = PolicyAndValueWrapper(self.module.policy.pretrained_model, value_model)
+        self.model = PolicyAndValueWrapper(self.module.policy.pretrained_model, self.module.critic.model)
         self.is_peft_model = _is_peft(self.model.policy)
         self.ref_model = ref_model
 
@@ -373,7 +372,7 @@ class PPOTrainer:
 
         if self.optimizer is None:
             named = [(n, p) for n, p in module.policy.pretrained_model.named_parameters() if p.requires_grad]
-            named += [(n, p) for n, p in _critic_named_parameters(module) if p.requires_grad]
+            named += [(n, p) for n, p in module.critic.named_parameters() if p.requires_grad]
             no_decay = {id(p) for n, p in named if n.endswith("bias") or "norm" in n.lower() or "ln_" in n}
             groups = [
                 {"params": [p for _, p in named if id(p) not in no_decay], "weight_decay": self.args.weight_decay},
@@ -595,16 +594,6 @@ def _is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _check_scorer(model: Any, name: str) -> None:
-    """A sequence-classification-style model: a backbone (``base_model_prefix``) and a ``score`` head."""
-    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None) if isinstance(model, nn.Module) else None
-    if backbone is None or getattr(model, "score", None) is None:
-        raise TypeError(
-            f"{name} must be a transformers model with a backbone and a `score` head, e.g. "
-            f"AutoModelForSequenceClassification.from_pretrained(path, num_labels=1); got {type(model).__name__}."
-        )
-
-
 def _check_dataset(dataset: Any, name: str) -> None:
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
         raise ValueError(f"{name} must be a non-empty data set of tokenised prompts (rows with 'input_ids').")
@@ -615,14 +604,3 @@ def _check_dataset(dataset: Any, name: str) -> None:
             f"{name} rows need an 'input_ids' column (tokenised prompts, as TRL's PPOTrainer); the first row has "
             f"{keys}. Tokenise it first, e.g. dataset.map(lambda x: tokenizer(x['prompt']), remove_columns=...)."
         )
-
-
-def _critic(value_model: nn.Module) -> Any:
-    """The value model as the PPO module's critic (lit_vhead.critic)."""
-    from lit_vhead.critic import Critic
-
-    return Critic(value_model)
-
-
-def _critic_named_parameters(module: ExperimentalPPOModule) -> list[tuple[str, nn.Parameter]]:
-    return list(module.critic.named_parameters())
