@@ -7,8 +7,9 @@ writes (nothing from the hub, deterministic, a few seconds):
 
 - ``models/trl-internal-testing/tiny-<Arch>``: every model TRL's ``tests/experimental/test_ppo_trainer.py`` loads (14
   causal architectures, T5, BART, ``tiny-Qwen2ForSequenceClassification-2.5``): random weights from configs (2 layers,
-  width 16, or the hub's width 8 for Qwen2, 512-row embeddings), each with a small byte-level BPE tokenizer trained here (EOS ``<|endoftext|>``, a
-  chat template; the 512-row embedding leaves room for the ``[PAD]`` token TRL's example adds);
+  width 16, or the hub's width 8 for Qwen2, 512-row embeddings), each with a small byte-level BPE tokenizer trained
+  here (EOS ``<|endoftext|>``, a chat template; the embedding has rows to spare, for the ``[PAD]`` token TRL's
+  example adds);
 - ``datasets/trl-internal-testing/zen`` (configs ``standard_prompt_only``: ``prompt``, train/test;
   ``conversational_language_modeling``: ``messages``) and ``datasets/trl-internal-testing/descriptiveness-sentiment-
   trl-style`` (split ``descriptiveness``: ``prompt``), readable by ``datasets.load_dataset(<dir>, name)``;
@@ -99,7 +100,7 @@ def save_model(path: str, model_type: str, auto: type, seed: int, **extra: objec
 
 
 def save_models(out: str, only_example: bool = False) -> None:
-    """The example's two stand-ins (policy, classifier), and with ``only_example=False`` every model TRL's tests load."""
+    """The example's two stand-ins (policy, classifier); with ``only_example=False`` every model TRL's tests load."""
     root = os.path.join(out, "models", HUB)
     vocab = {} if only_example else {"vocab_size": HUB_VOCAB}
     save_model(os.path.join(root, POLICY), "qwen2", AutoModelForCausalLM, 0, **vocab)
@@ -150,7 +151,7 @@ def save_datasets(out: str, only_example: bool = False) -> None:
 
 
 def write_tests(out: str, mirror: str) -> None:
-    """TRL's tests at v0.29.1 with the hub ids pointed at the stand-ins: ``trl/`` as they are, ``ours/`` on lit_vhead."""
+    """TRL's tests at v0.29.1, hub ids pointed at the stand-ins: ``trl/`` as they are, ``ours/`` on lit_vhead."""
 
     def show(path: str) -> str:
         return subprocess.run(["git", f"--git-dir={mirror}", "show", f"v0.29.1:{path}"], check=True,
