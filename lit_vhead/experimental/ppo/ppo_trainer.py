@@ -477,8 +477,7 @@ class PPOTrainer:
             self.processing_class.save_pretrained(tmp)
             with open(os.path.join(tmp, "training_args.json"), "w") as f:
                 f.write(self.args.to_json_string())
-        with atomic_directory(os.path.join(output_dir, "critic")) as tmp:
-            self.model.value_model.save_pretrained(tmp)
+        self.module.critic.save_pretrained(os.path.join(output_dir, "critic"))
 
     @torch.no_grad()
     def generate_completions(self, sampling: bool = False) -> Any:
