@@ -25,8 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_vhead.sequence import position_ids_from_mask
+
 CRITIC_MODES = ("head", "model", "lora")
-_HEAD_NAMES = ("score", "classifier")  # the scalar head of ...ForSequenceClassification / ...ForTokenClassification
+_HEAD_NAMES = ("score", "classifier")
+LORA_NEEDS_PEFT = (
+    "critic=lora puts LoRA adapters on the policy's frozen base, so the policy needs adapters too: add peft=lora "
+    "(PPOModule(peft=LoraConfig(...))), or use critic=model."
+)  # the scalar head of ...ForSequenceClassification / ...ForTokenClassification
 
 
 @dataclass
@@ -152,10 +158,7 @@ class Critic(nn.Module):
         """A memory-light critic on a PEFT policy: the policy's frozen base weights (the same tensors, no copy), LoRA
         adapters of the policy's own LoRA settings, and a fresh one-output head. Only adapters and head train."""
         if not getattr(policy, "is_peft_model", False):
-            raise ValueError(
-                "critic=lora puts LoRA adapters on the policy's frozen base, so the policy needs adapters too: add "
-                "peft=lora (PPOModule(peft=LoraConfig(...))), or use critic=model."
-            )
+            raise ValueError(LORA_NEEDS_PEFT)
         from peft import get_peft_model
         from transformers import AutoModelForTokenClassification
 
@@ -190,7 +193,7 @@ class Critic(nn.Module):
         from each row's first real token (left padding); other model inputs are ignored."""
         position_ids = model_inputs.get("position_ids")
         if position_ids is None:
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+            position_ids = position_ids_from_mask(attention_mask)
         hidden = _backbone(self.model)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state

@@ -22,6 +22,7 @@ from lit_vhead.critic import (
     build_critic,
     response_values,
 )
+from lit_vhead.interfaces import ValueFunction
 from lit_vhead.ppo.functional import compute_advantages, masked_whiten, ppo_loss
 from lit_vhead.rewards import RewardModel
 from lit_vhead.rollout import Rollout
@@ -107,6 +108,7 @@ def test_lora_critic_shares_the_policys_frozen_base_and_trains_only_adapters_and
     critic = Critic.lora_on(policy)
     base = policy.hf_model.transformer.h[0].attn.c_attn.base_layer.weight
     assert any(p is base for p in critic.parameters())  # the same tensor: no copy of the base
+    assert isinstance(critic, ValueFunction)
     trainable = {n for n, p in critic.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or ".classifier." in n for n in trainable)
     assert not base.requires_grad
