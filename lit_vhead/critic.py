@@ -281,26 +281,36 @@ def build_critic(config: CriticConfig, policy: nn.Module, reward: Any = None) ->
         return None
     if config.mode == "lora":
         return Critic.lora_on(policy, config)
-    init = config.init or ("reward" if _reward_model_source(reward) is not None else "policy")
+    init = check_critic_source(config, reward)
     if init == "policy":
         return Critic.from_policy(policy, config)
     if init == "reward":
         source = _reward_model_source(reward)
-        if source is None:
-            raise ValueError(
-                "critic.init=reward initialises the critic from the reward model, but the reward is not a model "
-                f"({type(reward).__name__}): use reward=model, or critic.init=policy or critic.init=<checkpoint dir>."
-            )
         label_index = getattr(reward, "label_index", 0)
         if isinstance(source, nn.Module):  # a reward model object: its copy (the reward itself stays frozen)
             critic = Critic(_one_label(copy.deepcopy(source), label_index), config)
             critic.requires_grad_(True)
             return critic
         return Critic.from_reward_model(source, label_index, config)
-    from lit_vhead.builders import check_model_source
-
-    check_model_source({"name_or_path": init}, key="critic.init")
     return Critic.from_pretrained(init, config)
+
+
+def check_critic_source(config: CriticConfig, reward: Any = None) -> str | None:
+    """Where a ``model`` critic starts (``reward``, ``policy`` or a checkpoint path; None for other modes), or a clear
+    error before any model is built: ``init=reward`` without a reward model, a path that cannot be found."""
+    if config.mode != "model":
+        return None
+    init = config.init or ("reward" if _reward_model_source(reward) is not None else "policy")
+    if init == "reward" and _reward_model_source(reward) is None:
+        raise ValueError(
+            "critic.init=reward initialises the critic from the reward model, but the reward is not a model "
+            f"({type(reward).__name__}): use reward=model, or critic.init=policy or critic.init=<checkpoint dir>."
+        )
+    if init not in ("reward", "policy"):
+        from lit_vhead.builders import check_model_source
+
+        check_model_source({"name_or_path": init}, key="critic.init")
+    return init
 
 
 def check_critic_vocabulary(critic: Critic | None, tokenizer: Any) -> None:

@@ -41,6 +41,7 @@ from lit_vhead.critic import (
     Critic,
     as_critic_config,
     build_critic,
+    check_critic_source,
     check_critic_vocabulary,
     frozen,
     parameter_groups,
@@ -192,6 +193,8 @@ class PPOModule(L.LightningModule):
         is_peft = self.peft_config is not None or (self.policy is not None and self.policy.is_peft_model)
         if mode == "lora" and self.critic is None and not is_peft:
             raise ValueError(LORA_NEEDS_PEFT)
+        if self.critic is None:
+            check_critic_source(self.critic_config, self.reward)
 
     @property
     def _reward_adapter(self) -> str | None:

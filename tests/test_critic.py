@@ -8,12 +8,13 @@ import textwrap
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, tiny_hf_model
+from conftest import FAST, ROOT, compose, tiny_hf_model
 from peft import LoraConfig
 from transformers import AutoModelForTokenClassification
 
 from lit_vhead import PPOModule, PromptDataModule
 from lit_vhead.builders import wrap_policy
+from lit_vhead.cli import ConfigKeyError
 from lit_vhead.critic import (
     Critic,
     CriticConfig,
@@ -26,6 +27,7 @@ from lit_vhead.interfaces import ValueFunction
 from lit_vhead.ppo.functional import compute_advantages, masked_whiten, ppo_loss
 from lit_vhead.rewards import RewardModel
 from lit_vhead.rollout import Rollout
+from lit_vhead.run import train
 
 
 def rollout() -> Rollout:
@@ -87,6 +89,7 @@ def test_critic_saves_and_reloads_offline_in_a_fresh_process_with_the_same_value
         from transformers import AutoModelForTokenClassification
         from lit_vhead.critic import Critic, response_values
         from lit_vhead.rollout import Rollout
+from lit_vhead.run import train
         r = Rollout(torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]]),
                     torch.tensor([[3, 4, 2], [5, 1, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]))
         critic = Critic.from_pretrained({str(tmp_path / "critic")!r}).eval()
@@ -259,3 +262,33 @@ def test_a_critic_that_cannot_be_built_fails_before_any_model_is_built(byt5):
         PPOModule(tiny_hf_model("gpt2"), byt5, vowels, ppo=PPO, critic="lora")
     with pytest.raises(ValueError, match="seq2seq policies train with critic=head"):
         PPOModule(tiny_hf_model("t5"), byt5, vowels, ppo=PPO, critic="model")
+
+
+# ---------------------------------------------------------------------- the CLI
+@pytest.mark.parametrize("overrides", [["critic=model"], ["critic=lora", "peft=lora", "ref=peft"],
+                                       ["critic=model", "critic.init=policy", "critic.lam=0.9",
+                                        "ppo.cliprange_value=null", "critic.warmup_steps=1"]])
+def test_each_critic_mode_runs_from_the_cli_and_saves_critic_beside_policy(tmp_path, capsys, overrides):
+    metrics = train(compose(FAST + overrides + ["callbacks=default", "callbacks.progress_bar=null"], tmp_path))
+    assert metrics["ppo/loss/value"] > 0
+    assert (tmp_path / "policy").is_dir() and (tmp_path / "critic" / "config.json").is_file()
+    assert (tmp_path / "critic" / "tokenizer_config.json").is_file()
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    critic_keys = [k for k in checkpoint["state_dict"] if k.startswith("critic.")]
+    assert critic_keys and len(checkpoint["optimizer_states"][0]["param_groups"]) == 2
+    reloaded = Critic.from_pretrained(tmp_path / "critic").eval()
+    head = [k for k in critic_keys if k.endswith("classifier.weight")][0]
+    assert torch.equal(reloaded.model.classifier.weight, checkpoint["state_dict"][head])
+    assert "Outputs in" in (summary := capsys.readouterr().out.splitlines()[-1]) and ": policy/, critic/," in summary
+
+
+def test_cli_critic_errors_are_one_line_before_any_model_is_built(tmp_path):
+    with pytest.raises(ValueError, match="critic=lora puts LoRA adapters"):
+        train(compose(FAST + ["critic=lora"], tmp_path / "a"))
+    with pytest.raises(ValueError, match="critic.init=reward initialises the critic from the reward model"):
+        train(compose(FAST + ["critic=model", "critic.init=reward"], tmp_path / "b"))
+    with pytest.raises(ConfigKeyError, match="critic.warmup is not a setting of critic: did you mean "
+                                             "critic.warmup_steps"):
+        train(compose(FAST + ["+critic.warmup=2"], tmp_path / "c"))
+    with pytest.raises(ValueError, match="critic.mode='value'"):
+        train(compose(FAST + ["critic.mode=value"], tmp_path / "d"))
