@@ -1,6 +1,7 @@
 """The critic: one switch (head | model | lora) on every path, its controls (warm-up, learning rate, value clipping,
 a separate GAE lambda), and saving and resuming it."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -292,3 +293,20 @@ def test_cli_critic_errors_are_one_line_before_any_model_is_built(tmp_path):
         train(compose(FAST + ["+critic.warmup=2"], tmp_path / "c"))
     with pytest.raises(ValueError, match="critic.mode='value'"):
         train(compose(FAST + ["critic.mode=value"], tmp_path / "d"))
+
+
+def test_readme_critic_example_runs_as_written(tmp_path, monkeypatch):
+    from test_readme import README
+
+    monkeypatch.chdir(tmp_path)
+    section = README.split("\n## Critic\n", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    scope = {}
+    exec(code, scope)
+    module = scope["module"]
+    assert module.critic is scope["critic"] and scope["trainer"].current_epoch == 4
+    assert [g["lr"] for g in module.optimizers().optimizer.param_groups] == [1.41e-5, 3e-4]
+    reloaded = Critic.from_pretrained(tmp_path / "ppo-critic").eval()
+    ids, mask = torch.randint(3, 259, (2, 6)), torch.ones(2, 6, dtype=torch.long)
+    with torch.no_grad():
+        assert torch.equal(reloaded.values(ids, mask), module.critic.eval().values(ids, mask))
