@@ -90,7 +90,6 @@ def test_critic_saves_and_reloads_offline_in_a_fresh_process_with_the_same_value
         from transformers import AutoModelForTokenClassification
         from lit_vhead.critic import Critic, response_values
         from lit_vhead.rollout import Rollout
-from lit_vhead.run import train
         r = Rollout(torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]]),
                     torch.tensor([[3, 4, 2], [5, 1, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]]))
         critic = Critic.from_pretrained({str(tmp_path / "critic")!r}).eval()
@@ -211,7 +210,6 @@ def test_each_critic_mode_trains_its_value_function_through_the_same_ppo_update(
     module, record = fit(mode, byt5, peft=LORA if mode == "lora" else None)
     policy_changed = changed(record.policy[0], record.policy[-1])
     assert any("lora_" in k or ".h.0." in k for k in policy_changed)  # the policy trained
-    assert not any("lora_" not in k and not k.startswith("v_head.") for k in policy_changed) or mode != "lora"
     if mode == "head":
         assert module.critic is None and any(k.startswith("v_head.") for k in policy_changed)
         return
