@@ -25,8 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_vhead.sequence import position_ids_from_mask
+
 CRITIC_MODES = ("head", "model", "lora")
-_HEAD_NAMES = ("score", "classifier")  # the scalar head of ...ForSequenceClassification / ...ForTokenClassification
+_HEAD_NAMES = ("score", "classifier")
+LORA_NEEDS_PEFT = (
+    "critic=lora puts LoRA adapters on the policy's frozen base, so the policy needs adapters too: add peft=lora "
+    "(PPOModule(peft=LoraConfig(...))), or use critic=model."
+)  # the scalar head of ...ForSequenceClassification / ...ForTokenClassification
 
 
 @dataclass
@@ -152,10 +158,7 @@ class Critic(nn.Module):
         """A memory-light critic on a PEFT policy: the policy's frozen base weights (the same tensors, no copy), LoRA
         adapters of the policy's own LoRA settings, and a fresh one-output head. Only adapters and head train."""
         if not getattr(policy, "is_peft_model", False):
-            raise ValueError(
-                "critic=lora puts LoRA adapters on the policy's frozen base, so the policy needs adapters too: add "
-                "peft=lora (PPOModule(peft=LoraConfig(...))), or use critic=model."
-            )
+            raise ValueError(LORA_NEEDS_PEFT)
         from peft import get_peft_model
         from transformers import AutoModelForTokenClassification
 
@@ -190,7 +193,7 @@ class Critic(nn.Module):
         from each row's first real token (left padding); other model inputs are ignored."""
         position_ids = model_inputs.get("position_ids")
         if position_ids is None:
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+            position_ids = position_ids_from_mask(attention_mask)
         hidden = _backbone(self.model)(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
@@ -278,26 +281,36 @@ def build_critic(config: CriticConfig, policy: nn.Module, reward: Any = None) ->
         return None
     if config.mode == "lora":
         return Critic.lora_on(policy, config)
-    init = config.init or ("reward" if _reward_model_source(reward) is not None else "policy")
+    init = check_critic_source(config, reward)
     if init == "policy":
         return Critic.from_policy(policy, config)
     if init == "reward":
         source = _reward_model_source(reward)
-        if source is None:
-            raise ValueError(
-                "critic.init=reward initialises the critic from the reward model, but the reward is not a model "
-                f"({type(reward).__name__}): use reward=model, or critic.init=policy or critic.init=<checkpoint dir>."
-            )
         label_index = getattr(reward, "label_index", 0)
         if isinstance(source, nn.Module):  # a reward model object: its copy (the reward itself stays frozen)
             critic = Critic(_one_label(copy.deepcopy(source), label_index), config)
             critic.requires_grad_(True)
             return critic
         return Critic.from_reward_model(source, label_index, config)
-    from lit_vhead.builders import check_model_source
-
-    check_model_source({"name_or_path": init}, key="critic.init")
     return Critic.from_pretrained(init, config)
+
+
+def check_critic_source(config: CriticConfig, reward: Any = None) -> str | None:
+    """Where a ``model`` critic starts (``reward``, ``policy`` or a checkpoint path; None for other modes), or a clear
+    error before any model is built: ``init=reward`` without a reward model, a path that cannot be found."""
+    if config.mode != "model":
+        return None
+    init = config.init or ("reward" if _reward_model_source(reward) is not None else "policy")
+    if init == "reward" and _reward_model_source(reward) is None:
+        raise ValueError(
+            "critic.init=reward initialises the critic from the reward model, but the reward is not a model "
+            f"({type(reward).__name__}): use reward=model, or critic.init=policy or critic.init=<checkpoint dir>."
+        )
+    if init not in ("reward", "policy"):
+        from lit_vhead.builders import check_model_source
+
+        check_model_source({"name_or_path": init}, key="critic.init")
+    return init
 
 
 def check_critic_vocabulary(critic: Critic | None, tokenizer: Any) -> None:

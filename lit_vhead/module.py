@@ -37,9 +37,11 @@ from lit_vhead.builders import (
 )
 from lit_vhead.config import HeadConfig, PPOConfig, as_head_config, as_ppo_config
 from lit_vhead.critic import (
+    LORA_NEEDS_PEFT,
     Critic,
     as_critic_config,
     build_critic,
+    check_critic_source,
     check_critic_vocabulary,
     frozen,
     parameter_groups,
@@ -190,10 +192,9 @@ class PPOModule(L.LightningModule):
             raise ValueError(f"critic={mode} needs a causal policy; seq2seq policies train with critic=head.")
         is_peft = self.peft_config is not None or (self.policy is not None and self.policy.is_peft_model)
         if mode == "lora" and self.critic is None and not is_peft:
-            raise ValueError(
-                "critic=lora puts LoRA adapters on the policy's frozen base, so the policy needs adapters too: add "
-                "peft=lora (PPOModule(peft=LoraConfig(...))), or use critic=model."
-            )
+            raise ValueError(LORA_NEEDS_PEFT)
+        if self.critic is None:
+            check_critic_source(self.critic_config, self.reward)
 
     @property
     def _reward_adapter(self) -> str | None:

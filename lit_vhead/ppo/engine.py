@@ -24,6 +24,7 @@ import torch
 
 from lit_vhead.config import PPOConfig
 from lit_vhead.core import stack_dicts
+from lit_vhead.interfaces import ValueFunction
 from lit_vhead.kernels import fast_kernels
 from lit_vhead.ppo.functional import world_size
 from lit_vhead.ppo.kl import make_kl_controller
@@ -63,7 +64,7 @@ class Engine:
     temperature: float = 1.0  # logits are divided by it in every pass (the rollout's sampling temperature)
     local_gradients: bool = False  # gradients are final when backward returns: one process, no GradScaler
     stages: PPOStages | None = None  # who answers the update's stages; None: the core's defaults
-    critic: Any = None  # a separate value function (lit_vhead.critic.Critic); None: the policy's value head
+    critic: ValueFunction | None = None  # a separate value function (lit_vhead.critic.Critic); None: the policy's head
     train_policy: bool = True  # False: the value loss only (critic warm-up); the caller holds the policy fixed
     samples: tuple[Sequence, Sequence] | None = None  # the loop's own unpadded (queries, responses), for the stats
 
