@@ -118,8 +118,9 @@ def fixed_rollout_policy(responses_by_query: dict[tuple[int, ...], list[int]]):
     return FixedRolloutGPT2.from_pretrained(DATA / "start" / "policy")
 
 
-def run_case(name: str, tmp_path: Path):
-    """One update of our PPOTrainer from TRL's start weights, on TRL's batch in TRL's order."""
+def run_case(name: str, tmp_path: Path, max_grad_norm: float = 0.0):
+    """One update of our PPOTrainer from TRL's start weights, on TRL's batch in TRL's order. TRL 0.29.1 never clips
+    gradients whatever ``max_grad_norm`` says (a bug not copied): 0 turns clipping off here, as TRL ran."""
     from datasets import Dataset
     from transformers import ByT5Tokenizer, GPT2ForSequenceClassification, GPT2LMHeadModel
 
@@ -131,7 +132,7 @@ def run_case(name: str, tmp_path: Path):
     settings = {**RECORD["common"], **case["config"]}
     responses = {tuple(q): r for q, r in zip(case["dataset_queries"], case["responses_by_query"])}
     batch = [[tok for tok in q if tok != PAD] for q in case["batch_queries"]]
-    args = TRLConfig(output_dir=str(tmp_path), total_episodes=len(batch), **settings)
+    args = TRLConfig(output_dir=str(tmp_path), total_episodes=len(batch), max_grad_norm=max_grad_norm, **settings)
     order = StepBatches(len(batch), len(batch), args.seed).indices(0)  # our first batch: dataset rows in this order
     rows = [None] * len(batch)
     for k, i in enumerate(order):
@@ -189,3 +190,10 @@ def test_minibatches_step_once_each_where_trl_accumulated_across_them(tmp_path):
     assert CASES["ga_quirk"]["optimizer_steps"] == 2
     steps = {int(s["step"]) for s in trainer.optimizer.state.values()}
     assert steps == {RECORD["common"]["num_ppo_epochs"] * config["num_mini_batches"]}
+
+
+def test_max_grad_norm_clips_where_trl_ignored_it(tmp_path):
+    """TrainingArguments' max_grad_norm (1.0 by default) clips each update here; TRL 0.29.1 ignored it. The fixture's
+    gradients exceed 1, so the clipped update differs from TRL's unclipped one (and equals it with 0: above)."""
+    trainer = run_case("plain", tmp_path, max_grad_norm=1.0)
+    assert weight_diff(trainer.model.policy, DATA / "plain_policy.safetensors") > 1e-4

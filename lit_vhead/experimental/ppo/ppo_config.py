@@ -152,7 +152,8 @@ class PPOConfig(TrainingArguments):
 
         Micro-batches of ``per_device_train_batch_size`` (at most a minibatch) accumulate into one optimizer step per
         minibatch of ``local_mini_batch_size`` (TRL's accelerate counted micro-batches across minibatches instead);
-        TRL's fixed ``kl_coef``; no ratio guard or early stopping (TRL has none); the score on the token after each
+        TRL's fixed ``kl_coef``; gradients clipped to ``max_grad_norm`` (TrainingArguments' 1.0; TRL ignored it, 0 turns
+        it off); no ratio guard or early stopping (TRL has none); the score on the token after each
         response (``score_token="next"``); sampling at ``temperature + 1e-7`` with no top-k
         or top-p, stopping at EOS when ``stop_token="eos"`` (or ``stop_token_id`` is the EOS id).
         """
@@ -184,7 +185,7 @@ class PPOConfig(TrainingArguments):
             mini_batch_size=micro,
             gradient_accumulation_steps=self.local_mini_batch_size // micro,
             ppo_epochs=self.num_ppo_epochs,
-            max_grad_norm=None,
+            max_grad_norm=self.max_grad_norm or None,  # TRL 0.29.1 never clips (its bug); 0 turns it off
             ratio_threshold=math.inf,
             whiten_rewards=self.whiten_rewards,
             missing_eos_penalty=self.missing_eos_penalty,
