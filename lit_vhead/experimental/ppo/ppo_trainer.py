@@ -379,6 +379,8 @@ class PPOTrainer:
                 {"params": [p for _, p in named if id(p) in no_decay], "weight_decay": 0.0},
             ]
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args)
+            if self.args.max_grad_norm and (self.args.bf16 or self.args.fp16):
+                kwargs.pop("fused", None)  # Lightning clips under mixed precision only with a non-fused optimizer
             self.optimizer = cls([g for g in groups if g["params"]], **kwargs)
         if self.lr_scheduler is None:
             steps = self.args.num_total_batches
