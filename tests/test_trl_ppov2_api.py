@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import runpy
+import shlex
 import sys
 from pathlib import Path
 
@@ -42,22 +43,27 @@ def paths(standins: Path) -> dict[str, str]:
     }
 
 
+def readme_example_command(standins: Path, out: Path) -> list[str]:
+    """The README's command for TRL's example, its stand-in paths pointed at ``standins``."""
+    readme = (ROOT / "README.md").read_text()
+    (line,) = [line for line in readme.splitlines() if line.startswith("python examples/trl_experimental_ppo.py")]
+    root = standins / "{}" / "trl-internal-testing"
+    line = line.replace("$M", str(root).format("models")).replace("$D", str(root).format("datasets"))
+    return shlex.split(line.replace("--output_dir ppo-out", f"--output_dir {out}"))[2:]
+
+
 def test_trl_example_script_runs_with_one_import_changed(standins, tmp_path, monkeypatch):
     """TRL's examples/scripts/ppo/ppo.py (v0.29.1), only its PPOTrainer import changed, trains offline with the
-    flags of its docstring (plus CPU and small sizes), saves the policy and the critic, and samples completions."""
+    README's command (its docstring's flags, plus CPU and small sizes), saves the policy and the critic, and samples
+    completions."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     source = EXAMPLE.read_text()
     assert "from lit_vhead.experimental.ppo import PPOConfig, PPOTrainer" in source
     assert "\nfrom trl.experimental.ppo import" not in source
-    p, out = paths(standins), tmp_path / "out"
-    argv = [
-        str(EXAMPLE), "--dataset_name", p["dataset"], "--dataset_train_split", "descriptiveness",
-        "--output_dir", str(out), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
-        "--total_episodes", "8", "--model_name_or_path", p["policy"], "--sft_model_path", p["policy"],
-        "--reward_model_path", p["reward"], "--missing_eos_penalty", "1.0",
-        "--response_length", "8", "--num_ppo_epochs", "1", "--use_cpu", "--num_sample_generations", "0",
-    ]
+    out = tmp_path / "out"
+    argv = [str(EXAMPLE), *readme_example_command(standins, out)]
+    p = paths(standins)
     monkeypatch.setattr(sys, "argv", argv)
     monkeypatch.setenv("TRACKIO_SPACE_ID", "unused")  # the script sets it if unset; the test leaves env as it was
     script = runpy.run_path(str(EXAMPLE), run_name="__main__")
