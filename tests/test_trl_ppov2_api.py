@@ -83,6 +83,28 @@ def test_trl_example_script_runs_with_one_import_changed(standins, tmp_path, mon
         assert torch.equal(critic(ids).logits, trainer.model.value_model(ids).logits)
     start = AutoModelForSequenceClassification.from_pretrained(p["reward"])
     assert not torch.equal(critic.score.weight, start.score.weight)  # the critic trained (from the reward model)
+    table = trainer.generate_completions(sampling=True)  # the eval set's first batch, as TRL's
+    assert list(table.columns) == ["query", "model response", "score"]
+    assert len(table) == trainer.args.per_device_eval_batch_size
+
+
+def test_peft_policy_trains_its_adapters_against_its_base(standins, tmp_path):
+    """peft_config with ref_model=None (TRL's LoRA recipe): the adapters and the value model train, the base stays
+    and serves as the reference; save_model writes the adapters and critic/."""
+    from peft import LoraConfig
+
+    trainer = make_trainer(standins, tmp_path, ref_model=None, args={"total_episodes": 4, "save_strategy": "no"},
+                           peft_config=LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM"))
+    base = {k: v.clone() for k, v in trainer.model.policy.state_dict().items() if "lora_" not in k}
+    trainer.train()
+    after = trainer.model.policy.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base.items())
+    lora_b = [v for k, v in after.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # LoRA's B starts at zero
+    assert trainer.module.reference.mode == "peft"
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "saved" / "critic" / "model.safetensors").is_file()
 
 
 def make_trainer(standins: Path, tmp_path: Path, **overrides):
