@@ -144,7 +144,7 @@ def test_resume_continues_exactly(standins, tmp_path):
     """3 PPO steps in one go equal 1 step, a new trainer resumed from checkpoint-1, and 2 more: the policy, the
     value model and the logged metrics (the optimizer and scheduler, numpy's minibatch orders and the data order are
     in the checkpoint)."""
-    full = make_trainer(standins, tmp_path / "full")
+    full = make_trainer(standins, tmp_path / "full", args={"save_total_limit": 2})
     full.train()
     assert full.state.global_step == 3
     from transformers import TrainerCallback
@@ -157,6 +157,7 @@ def test_resume_continues_exactly(standins, tmp_path):
     first.train()
     assert first.state.global_step == 1
     assert (tmp_path / "parts" / "run" / "checkpoint-1" / "ppo.ckpt").is_file()
+    assert sorted(p.name for p in (tmp_path / "full" / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     resumed = make_trainer(standins, tmp_path / "parts")
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3
@@ -218,6 +219,7 @@ def test_flags_parse_with_hf_argument_parser(tmp_path, capsys):
     ({"train_dataset": "tiny"}, "fewer than one rollout batch"),
     ({"reward_model": "string"}, "reward_model must be a transformers model"),
     ({"args": {"per_device_train_batch_size": 3}}, "is not a multiple of num_mini_batches=2"),
+    ({"args": {"stop_token": None, "stop_token_id": 7}}, "stop_token_id=7 is not the tokenizer's EOS id"),
 ])
 def test_bad_input_fails_in_one_line(standins, tmp_path, change, message):
     from datasets import Dataset

@@ -460,7 +460,23 @@ class PPOTrainer:
         self.lightning_trainer.save_checkpoint(os.path.join(path, CHECKPOINT_FILE))
         with atomic_file(os.path.join(path, "trainer_state.json")) as f:
             f.write(self.state_json().encode())
+        self._rotate_checkpoints()
         return path
+
+    def _rotate_checkpoints(self) -> None:
+        """Keep the newest ``save_total_limit`` checkpoint dirs (all when it is None), as transformers' Trainer."""
+        import shutil
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        limit = self.args.save_total_limit
+        if not limit or limit < 1:
+            return
+        prefix = f"{PREFIX_CHECKPOINT_DIR}-"
+        steps = sorted(int(name[len(prefix):]) for name in os.listdir(self.args.output_dir)
+                       if name.startswith(prefix) and name[len(prefix):].isdigit())
+        for step in steps[:-limit]:
+            shutil.rmtree(os.path.join(self.args.output_dir, f"{prefix}{step}"), ignore_errors=True)
 
     def state_json(self) -> str:
         return json.dumps({k: v for k, v in vars(self.state).items() if k != "stateful_callbacks"}, indent=2,
