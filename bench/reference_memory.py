@@ -41,6 +41,7 @@ import transformers  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import lit_vhead  # noqa: E402
+import lit_vhead.layers  # noqa: E402
 
 warnings.filterwarnings("ignore")
 transformers.utils.logging.set_verbosity_error()
@@ -118,7 +119,7 @@ def run_config(name: str, ks: list[int], quick: bool) -> list[dict]:
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()
     policy = lit_vhead.AutoModelForCausalLMWithValueHead(hf)
-    n_layers = lit_vhead.reference.find_layer_pattern(policy)[1]
+    n_layers = lit_vhead.layers.find_layer_pattern(policy)[1]
     rows = []
     for method, fn in (("trl", trl_create_reference_model), ("ours", lit_vhead.create_reference_model)):
         for k in [None, 0, *ks]:

@@ -1,7 +1,9 @@
 """lit_vhead: TRL's value-head models and PPO, maintained, on transformers 5 and PyTorch Lightning.
 
-Every name loads on first use (as ``trl``'s): ``import lit_vhead`` imports nothing heavy, the value-head models bring
-transformers (not Lightning, Hydra or peft), and the PPO classes bring Lightning.
+Every name loads on first use (as ``trl``'s): ``import lit_vhead`` imports nothing heavy, the value-head models and
+``PPOConfig`` bring transformers (not Lightning, Hydra, omegaconf or peft: ``tests/test_imports.py``), and the PPO
+classes bring Lightning. No import changes warning filters or logging; :func:`quiet` hides third-party noise on
+request (``python train.py`` runs under it).
 """
 
 import importlib
@@ -11,7 +13,7 @@ _EXPORTS = {
     "AutoModelForSeq2SeqLMWithValueHead": "lit_vhead.modeling",
     "PreTrainedModelWrapper": "lit_vhead.modeling",
     "PPOConfig": "lit_vhead.config",
-    "LAYER_PATTERNS": "lit_vhead.reference",
+    "LAYER_PATTERNS": "lit_vhead.layers",
     "ReferenceConfig": "lit_vhead.reference",
     "create_reference_model": "lit_vhead.reference",
     "ValueHead": "lit_vhead.value_head",
@@ -26,6 +28,7 @@ _EXPORTS = {
     "PromptDataModule": "lit_vhead.data",
     "ReferenceModelCallback": "lit_vhead.callbacks",
     "RewardSource": "lit_vhead.rewards",
+    "quiet": "lit_vhead.noise",
 }
 
 

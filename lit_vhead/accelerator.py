@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
-import time
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -21,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_vhead.config import PPOConfig
+from lit_vhead.distributed import released_after
 
 # accelerate's ``mixed_precision`` values -> Fabric's ``precision``
 _MIXED_PRECISION = {"no": "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}
@@ -91,20 +89,9 @@ def unwrap(model: Any) -> Any:
     return model
 
 
-@contextlib.contextmanager
-def _released_after(tensor: torch.Tensor, timeout: float = 1.0) -> Iterator[None]:
-    """Leave the block only once ``tensor`` has as many Python references as on entry (at most ``timeout`` s later):
-    gloo's worker thread frees a finished collective's work, and with it its hold on the tensor, a moment after the
-    caller's ``wait`` returns."""
-    references = sys.getrefcount(tensor)
-    yield
-    deadline = time.monotonic() + timeout
-    while sys.getrefcount(tensor) > references and time.monotonic() < deadline:
-        time.sleep(1e-4)
-
-
 class Accelerator:
-    """The parts of accelerate's ``Accelerator`` that classic scripts touch, answered by Lightning Fabric."""
+    """The parts of accelerate's ``Accelerator`` that TRL 0.11.4's scripts and examples touch (the README lists them),
+    answered by Lightning Fabric; ``fabric`` is the Fabric itself, for anything else."""
 
     def __init__(self, fabric: L.Fabric) -> None:
         self.fabric = fabric
@@ -119,24 +106,12 @@ class Accelerator:
         return self.fabric.is_global_zero
 
     @property
-    def is_local_main_process(self) -> bool:
-        return self.fabric.local_rank == 0
-
-    @property
     def num_processes(self) -> int:
         return self.fabric.world_size
 
     @property
     def process_index(self) -> int:
         return self.fabric.global_rank
-
-    @property
-    def local_process_index(self) -> int:
-        return self.fabric.local_rank
-
-    @property
-    def use_distributed(self) -> bool:
-        return self.fabric.world_size > 1
 
     @property
     def state(self) -> SimpleNamespace:
@@ -165,7 +140,7 @@ class Accelerator:
         tensor.
         """
         if self._gloo():
-            with _released_after(self._barrier_tensor):
+            with released_after(self._barrier_tensor):
                 torch.distributed.all_reduce(self._barrier_tensor)
         else:
             self.fabric.barrier()
@@ -176,7 +151,7 @@ class Accelerator:
         if self.fabric.world_size == 1:
             return tensor.reshape(-1) if tensor.ndim == 0 else tensor
         tensor = tensor.reshape(1) if tensor.ndim == 0 else tensor
-        with _released_after(tensor) if self._gloo() else contextlib.nullcontext():  # see wait_for_everyone
+        with released_after(tensor) if self._gloo() else contextlib.nullcontext():  # see wait_for_everyone
             gathered = self.fabric.all_gather(tensor)
         return gathered.reshape(-1, *gathered.shape[2:])
 
@@ -189,12 +164,6 @@ class Accelerator:
                     "set up its model and optimizer (pass them to PPOTrainer)."
                 )
         return self.fabric.setup_dataloaders(*objects)
-
-    def autocast(self):
-        return self.fabric.autocast()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.fabric.backward(loss)
 
     def log(self, values: dict[str, Any], step: int | None = None) -> None:
         """Log to every logger on the main process: scalars everywhere; arrays as histograms and tables to wandb only

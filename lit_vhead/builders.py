@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -119,6 +120,29 @@ def model_config_of(model_cfg: Mapping):
     return AutoConfig.for_model(**model_cfg["config"])
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """A ``configs/model`` mapping (or a path) checked once and its transformers config read once: what every later
+    step (the PPOModule's checks, the policy's build) uses instead of reading it again."""
+
+    spec: dict  # kind, name_or_path or config, dtype, trust_remote_code
+    config: Any  # the transformers config
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return bool(getattr(self.config, "is_encoder_decoder", False))
+
+
+def resolve_model_source(source: ModelSource | Mapping | str | os.PathLike) -> ModelSource:
+    """Check a model source (:func:`check_model_source`) and read its config, once; a ``ModelSource`` is returned as
+    it is."""
+    if isinstance(source, ModelSource):
+        return source
+    spec = to_plain(source) if isinstance(source, Mapping) else {"name_or_path": os.fspath(source)}
+    check_model_source(spec)
+    return ModelSource(spec, model_config_of(spec))
+
+
 def check_tokenizer(tokenizer: Any) -> PreTrainedTokenizerBase:
     """The tokenizer, or a clear error when it cannot serve PPO (not a tokenizer, or no pad token)."""
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
@@ -224,18 +248,16 @@ def wrap_policy(
 
 
 def build_policy(
-    source: Mapping | str,
+    source: ModelSource | Mapping | str,
     head: HeadConfig | Mapping | None = None,
     peft_config: Any = None,
     reward_adapter: str | None = None,
 ) -> PreTrainedModelWrapper:
     """The value-head policy of a local path / hub id or of a ``configs/model`` mapping (``kind``, ``name_or_path``
     or ``config``, ``dtype``, ``trust_remote_code``)."""
-    model_cfg = to_plain(source) if isinstance(source, (Mapping, DictConfig)) else {"name_or_path": source}
-    check_model_source(model_cfg)
-    config = model_config_of(model_cfg)
-    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
-    kind = model_cfg.get("kind") or ("seq2seq" if is_encoder_decoder else "causal")
+    source = resolve_model_source(source)
+    model_cfg, config = source.spec, source.config
+    kind = model_cfg.get("kind") or ("seq2seq" if source.is_encoder_decoder else "causal")
     cls = value_head_class(kind)
     head_kwargs = as_head_config(head).as_model_kwargs()
     if peft_config is not None:

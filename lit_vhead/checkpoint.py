@@ -117,7 +117,7 @@ def _find_non_finite(directories: list[str | os.PathLike]) -> tuple[str, str] | 
     return None
 
 
-def _fetch(name_or_path: str, filename: str, hub_kwargs: dict) -> str | None:
+def fetch_file(name_or_path: str, filename: str, hub_kwargs: dict) -> str | None:
     """Local path of ``filename`` in a local dir, or in a hub repo (cache first); None if it does not exist."""
     if os.path.isdir(name_or_path):
         candidate = os.path.join(name_or_path, filename)
@@ -161,11 +161,11 @@ def load_value_head_state(name_or_path: str, hub_kwargs: dict | None = None) -> 
     is_v_head = lambda key: key.startswith(V_HEAD_PREFIX)  # noqa: E731
     for single, index in ((SAFE_WEIGHTS, SAFE_INDEX), (PICKLE_WEIGHTS, PICKLE_INDEX)):
         found: dict[str, torch.Tensor] = {}
-        file = _fetch(name_or_path, single, hub_kwargs)
+        file = fetch_file(name_or_path, single, hub_kwargs)
         if file is not None:
             found = read_tensors(file, is_v_head)
         else:
-            index_file = _fetch(name_or_path, index, hub_kwargs)
+            index_file = fetch_file(name_or_path, index, hub_kwargs)
             if index_file is None:
                 continue
             try:
@@ -173,7 +173,7 @@ def load_value_head_state(name_or_path: str, hub_kwargs: dict | None = None) -> 
             except (ValueError, KeyError) as err:
                 raise CheckpointError(f"Cannot read the shard index '{index_file}': {err}.") from err
             for shard in sorted({f for k, f in weight_map.items() if is_v_head(k)}):
-                shard_file = _fetch(name_or_path, shard, hub_kwargs)
+                shard_file = fetch_file(name_or_path, shard, hub_kwargs)
                 if shard_file is None:
                     raise CheckpointError(f"The shard '{shard}' listed in '{index_file}' is missing.")
                 found.update(read_tensors(shard_file, is_v_head))

@@ -13,7 +13,7 @@ command line and unknown keys are rejected.
 from __future__ import annotations
 
 import difflib
-import functools
+import inspect
 import math
 import os
 import sys
@@ -83,6 +83,15 @@ IGNORED_FIELDS = {
 _warned: set[str] = set()
 
 
+class _InitSignature:
+    """``inspect.signature`` of a class with its own ``__new__`` would show ``__new__``'s ``(*args, **kwargs)``:
+    this shows the class's (or subclass's) dataclass ``__init__`` instead."""
+
+    def __get__(self, instance: Any, owner: type) -> inspect.Signature:
+        parameters = list(inspect.signature(owner.__init__).parameters.values())[1:]  # without self
+        return inspect.Signature(parameters)
+
+
 @dataclass
 class PPOConfig:
     """TRL classic's PPO settings, TRL 0.11.4's names and defaults (``steps`` counts PPO steps here).
@@ -91,15 +100,16 @@ class PPOConfig:
     response that never produced EOS), ``score_token`` (``"next"``: TRL PPOv2's placement of the score, on the token
     after the response), ``generation`` (``PPOModule``'s sampling settings), and settings that change
     how the passes run, never the algorithm (see ``lit_vhead.kernels`` and the README's "Speed and memory"):
-    ``cpu_kernels`` (``"auto"``: fp32 CPU GEMMs through oneDNN where a one-time probe measures it at least 1.2x
-    faster than PyTorch's at the model's shapes; ``true``/``false`` force it), ``compile`` (``torch.compile`` of the
-    update's training forward) and ``optimizer_in_backward`` (each parameter stepped as soon as its gradient is
-    complete, the gradient dropped: bitwise the same weights, one model-size of gradients less at peak; it applies
-    where that is exact: one process, no GradScaler, ``max_grad_norm=None``, ``gradient_accumulation_steps=1``, a
-    per-parameter ``torch.optim`` optimizer; elsewhere the usual step runs). ``undo_failed_update`` (on): a PPO step
-    whose loss turns NaN/inf after some of its optimizer steps is undone (the trainable weights and the optimizer state
-    are copied before its first optimizer step: e.g. 3x the weights in fp32 for a full fine-tune with Adam, little
-    for LoRA); off skips that copy, and the error then says how many optimizer steps the model and optimizer kept.
+    ``cpu_kernels`` (``"auto"``: fp32 CPU GEMMs through oneDNN where a one-time probe measures it clearly faster
+    than PyTorch's at the model's shapes, see ``lit_vhead.kernels.AUTO_SPEEDUP``; ``true``/``false`` force it),
+    ``compile`` (``torch.compile`` of the update's training forward) and ``optimizer_in_backward`` (each parameter
+    stepped as soon as its gradient is complete, the gradient dropped: bitwise the same weights, one model-size of
+    gradients less at peak; it applies where that is exact: one process, no GradScaler, ``max_grad_norm=None``,
+    ``gradient_accumulation_steps=1``, a per-parameter ``torch.optim`` optimizer; elsewhere the usual step runs).
+    ``undo_failed_update`` (on): a PPO step whose loss turns NaN/inf after some of its optimizer steps is undone
+    (the trainable weights and the optimizer state are copied before its first optimizer step: e.g. 3x the weights
+    in fp32 for a full fine-tune with Adam, little for LoRA); off skips that copy, and the error then says how many
+    optimizer steps the model and optimizer kept.
     """
 
     exp_name: str = os.path.basename(sys.argv[0])[: -len(".py")]
@@ -163,6 +173,19 @@ class PPOConfig:
     compile: bool = False
     optimizer_in_backward: bool = False
     undo_failed_update: bool = True
+
+    __signature__ = _InitSignature()
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PPOConfig:
+        """Refuse an unknown field by name, with the closest known one (a subclass's own fields count), before the
+        dataclass's ``__init__`` would say only "unexpected keyword argument"."""
+        names = [f.name for f in fields(cls)]
+        unknown = [name for name in kwargs if name not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(names)}."
+            raise TypeError(f"{cls.__name__} got an unknown field {unknown[0]!r}{hint}")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if isinstance(self.generation, dict):
@@ -244,21 +267,6 @@ _DEFAULTS = {
     f.name: f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
     for f in fields(PPOConfig)
 }
-_dataclass_init = PPOConfig.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _checked_init(self: PPOConfig, *args: Any, **kwargs: Any) -> None:
-    unknown = [name for name in kwargs if name not in _FIELD_NAMES]
-    if unknown:
-        name = unknown[0]
-        close = difflib.get_close_matches(name, _FIELD_NAMES, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(_FIELD_NAMES)}."
-        raise TypeError(f"PPOConfig got an unknown field {name!r}{hint}")
-    _dataclass_init(self, *args, **kwargs)
-
-
-PPOConfig.__init__ = _checked_init  # type: ignore[method-assign]
 
 
 def as_ppo_config(value: Any) -> PPOConfig:

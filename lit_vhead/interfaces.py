@@ -70,13 +70,16 @@ class ReferenceModel(Protocol):
 class GenerationBackend(Protocol):
     """Samples the responses of a rollout (:mod:`lit_vhead.generation`).
 
-    ``generate`` returns a :class:`~lit_vhead.rollout.Rollout` whose responses end at (and keep) their first EOS,
-    padding after it masked out. A backend that samples from its own copy of the weights (a vLLM-class server)
-    updates that copy in ``sync_weights(policy)``, which both loops call after each PPO update; an in-process
-    backend that samples from ``model`` itself has nothing to do there.
+    ``generate`` samples one response per prompt (``query_ids``/``query_mask`` ``[B, L]``, left-padded for causal
+    models) with the ``sampling`` keyword arguments of transformers' ``generate``, and returns a
+    :class:`~lit_vhead.rollout.Rollout` whose responses end at (and keep) their first ``end_token_id``, the tokens
+    after it masked out (``response_mask`` 0). A backend that samples from its own copy of the weights (a
+    vLLM-class server) updates that copy in ``sync_weights(policy)``, which both loops call after each PPO update;
+    an in-process backend that samples from ``model`` itself has nothing to do there.
     """
 
-    def generate(self, model: Any, query_ids: torch.Tensor, query_mask: torch.Tensor, **sampling: Any) -> Rollout: ...
+    def generate(self, model: Any, query_ids: torch.Tensor, query_mask: torch.Tensor,
+                 end_token_id: int | None = None, **sampling: Any) -> Rollout: ...
 
     def sync_weights(self, policy: nn.Module) -> None: ...
 

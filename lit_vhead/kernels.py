@@ -2,8 +2,8 @@
 ``torch.compile`` of the PPO update's forward (``PPOConfig.compile``).
 
 ``cpu_kernels`` (:func:`fast_kernels`): PyTorch sends fp32 CPU matmuls to MKL's ``sgemm``, which on AMD CPUs takes its
-AVX2 path (about 105 GFLOP/s on one Zen 5 core) where oneDNN's JIT GEMM uses AVX-512 (about 225 GFLOP/s); on Intel
-CPUs with AVX-512 the two run at the same rate. Inside :func:`fast_kernels` the fp32 GEMMs of ``nn.Linear``
+AVX2 path where oneDNN's JIT GEMM uses AVX-512 (the rates measured: README, "Speed and memory"); on Intel CPUs with
+AVX-512 the two run at the same rate. Inside :func:`fast_kernels` the fp32 GEMMs of ``nn.Linear``
 (``F.linear``) and GPT-2's ``Conv1D`` (``torch.addmm``) go to oneDNN, with weight gradients computed in each weight's
 own layout (no transposing copies). Routing is a ``TorchFunctionMode`` scoped to the block: nothing is set on the
 models, so it survives transformers re-applying its Hub kernels on ``train()``/``eval()``, deep copies, PEFT, DDP and
@@ -12,6 +12,8 @@ and backward passes use SDPA's math kernel. glibc is told to keep freed memory (
 
 ``cpu_kernels="auto"`` (the default) measures once per process, at the model's GEMM shapes, whether oneDNN is clearly
 faster here (>= :data:`AUTO_SPEEDUP`); elsewhere PyTorch's own kernels run and the update is PyTorch's to the bit.
+Models with no fp32 CPU weights (on a GPU, in bf16/fp16) run none of this under any setting: no routing mode, no
+attention-kernel choice, no glibc setting.
 """
 
 from __future__ import annotations
@@ -293,10 +295,12 @@ def use_cpu_kernels(setting: bool | str, *models: nn.Module | None) -> bool:
         return False
     if not onednn_available():
         return False
+    shapes = gemm_shapes(*models)
+    if not shapes and any(m is not None for m in models):  # GPU or low-precision models: PyTorch's kernels, always
+        return False
     if setting is True or setting == "true":
         return True
-    shapes = gemm_shapes(*models)
-    if not shapes:  # no fp32 CPU weights: GPU or low-precision models keep PyTorch's kernels
+    if not shapes:
         return False
     probe = probe_gemms(shapes)
     key = (shapes, probe.threads)

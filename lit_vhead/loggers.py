@@ -91,14 +91,15 @@ class CSVLogger(StartsWithFirstMetrics, _CSVLogger):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.keep_before_step: int | None = None
+        self._writer = None  # Lightning's experiment, once made and given back its rows
 
     @property
     @rank_zero_experiment
     def experiment(self):
         if not self.started:
             return _NotStarted(self)
-        if self._experiment is not None:
-            return self._experiment
+        if self._writer is not None:
+            return self._writer
         path = os.path.join(self.log_dir, "metrics.csv")
         keys, rows = [], []
         if os.path.isfile(path):
@@ -118,6 +119,7 @@ class CSVLogger(StartsWithFirstMetrics, _CSVLogger):
                 writer.writeheader()
                 writer.writerows(rows)
             experiment.metrics_keys = sorted(keys)
+        self._writer = experiment
         return experiment
 
     def _keep(self, row: dict[str, str]) -> bool:
@@ -130,14 +132,14 @@ class WandbLogger(StartsWithFirstMetrics, _WandbLogger):
     (wandb warns that it has no effect). Quiet mode drops wandb's end-of-run banner, whose raw ANSI colour codes
     end up in log files; wandb still says where the run is saved."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        if not self._id:  # the run's id from the start: its version is known before the run starts
-            self._id = self._wandb_init["id"] = uuid.uuid4().hex[:8]
-        self._wandb_init.pop("anonymous", None)
-        settings = self._wandb_init.get("settings")
+    def __init__(self, *args, id: str | None = None, version: str | None = None, settings=None, **kwargs) -> None:
         if settings is None or isinstance(settings, dict):
-            self._wandb_init["settings"] = {"quiet": True, **(settings or {})}
+            settings = {"quiet": True, **(settings or {})}
+        # the run's id from the start: its version is known before the run starts
+        super().__init__(*args, id=version or id or uuid.uuid4().hex[:8], settings=settings, **kwargs)
+        # Lightning always passes `anonymous` to wandb.init, and Lightning has no public way to leave it out; wandb
+        # then warns that the setting has no effect. The one private attribute of Lightning this project writes.
+        self._wandb_init.pop("anonymous", None)
 
     @property
     @rank_zero_experiment

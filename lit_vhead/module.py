@@ -16,7 +16,6 @@ and ``python train.py`` builds it from the Hydra config through the same constru
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import time
 import warnings
@@ -25,14 +24,13 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import SingleDeviceStrategy
 
 from lit_vhead.builders import (
+    ModelSource,
     build_policy,
-    check_model_source,
     check_tokenizer,
     check_vocabulary,
-    model_config_of,
+    resolve_model_source,
     wrap_policy,
 )
 from lit_vhead.config import HeadConfig, PPOConfig, as_head_config, as_ppo_config
@@ -48,42 +46,17 @@ from lit_vhead.critic import (
     policy_parameters,
 )
 from lit_vhead.data import check_prompt_batch, step_seed
+from lit_vhead.distributed import gradients_are_local, shard_policy
+from lit_vhead.generation import HFGeneration, sampling_kwargs
+from lit_vhead.interfaces import GenerationBackend
 from lit_vhead.modeling import PreTrainedModelWrapper
-from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer
-from lit_vhead.reference import Reference, ReferenceConfig, shard_policy
-from lit_vhead.rewards import RewardInputs, RewardSource, as_reward_source, check_scores
-from lit_vhead.rollout import Rollout, generate
+from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer, prepare_models
+from lit_vhead.reference import Reference, ReferenceConfig, as_reference_config, reference_fingerprint
+from lit_vhead.rewards import RewardSource, as_reward_source, check_scores, reward_inputs
+from lit_vhead.rollout import Rollout
 
-
-class _DropLightningTips(logging.Filter):
-    """Lightning's advertisements for its cloud services ("💡 Tip: ...") tell a PPO user nothing."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "💡 Tip" not in str(record.msg)
-
-
-# Third-party noise that tells the user nothing: Lightning's and peft's own uses of deprecated torch/transformers
-# APIs, Lightning's tips, and its warning when max_epochs is unset (PPOModule then sets it to ppo.steps, see `setup`).
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
-warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-warnings.filterwarnings("ignore", message="`max_epochs` was not set", module="lightning")
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropLightningTips())
 _LIGHTNING_DEFAULT_MAX_EPOCHS = 1000
 _LIGHTNING_DEFAULT_LOG_EVERY = 50
-
-
-def as_reference_config(ref: Any) -> ReferenceConfig | None:
-    """A ``ReferenceConfig`` from a config, a mode string (``"copy"``, ``"shared"``, ``"peft"``), a dict or None."""
-    if ref is None or isinstance(ref, ReferenceConfig):
-        return ref
-    if isinstance(ref, str):
-        return ReferenceConfig(mode=ref)
-    if isinstance(ref, Mapping):
-        return ReferenceConfig(**ref)
-    raise TypeError(
-        "ref must be None (a frozen copy), a mode 'copy'/'shared'/'peft', a dict such as {'mode': 'shared', "
-        f"'num_shared_layers': 1}}, or a lit_vhead.ReferenceConfig; got {type(ref).__name__} {ref!r}."
-    )
 
 
 class PPOModule(L.LightningModule):
@@ -113,6 +86,9 @@ class PPOModule(L.LightningModule):
             head at the policy's rate.
         scheduler: ``fn(optimizer) -> LRScheduler``, stepped once per PPO step.
         sample_table_every: log a table of prompts/responses/rewards every N PPO steps (0: never).
+        generation: the :class:`~lit_vhead.interfaces.GenerationBackend` that samples the rollouts; default
+            :class:`~lit_vhead.generation.HFGeneration` (the policy's own ``generate``). Its ``sync_weights`` runs
+            after each PPO update.
     """
 
     def __init__(
@@ -128,6 +104,7 @@ class PPOModule(L.LightningModule):
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         sample_table_every: int = 10,
+        generation: GenerationBackend | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -150,6 +127,7 @@ class PPOModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.sample_table_every = sample_table_every
+        self.generation = generation or HFGeneration(self.ppo.cpu_kernels)
         self._reward_checked = False
         if self.ppo.log_with is not None:
             warnings.warn(
@@ -158,12 +136,10 @@ class PPOModule(L.LightningModule):
                 stacklevel=2,
             )
         self.policy: PreTrainedModelWrapper | None = None
-        self.policy_source: Any = None  # a path or model config mapping, built in configure_model
-        if isinstance(policy, (str, os.PathLike, Mapping)):
-            self.policy_source = os.fspath(policy) if isinstance(policy, os.PathLike) else policy
-            spec = self.policy_source if isinstance(self.policy_source, Mapping) else {"name_or_path": policy}
-            check_model_source(spec)
-            self.model_config = model_config_of(spec)
+        self.policy_source: ModelSource | None = None
+        if isinstance(policy, (str, os.PathLike, Mapping, ModelSource)):
+            self.policy_source = resolve_model_source(policy)  # built in configure_model
+            self.model_config = self.policy_source.config
         else:
             self.policy = wrap_policy(policy, head, peft, self._reward_adapter)
             self.model_config = self.policy.config
@@ -268,7 +244,7 @@ class PPOModule(L.LightningModule):
         if self.critic is None:
             self.critic = build_critic(self.critic_config, self.policy, self.reward)
         check_critic_vocabulary(self.critic, self.tokenizer)
-        ref = self.ref or ReferenceConfig(mode="peft" if self.policy.is_peft_model else "copy")
+        ref = self.ref or ReferenceConfig.default_for(self.policy)
         self.__dict__["reference"] = ref.build(self.policy)
         self._reference_sum = reference_fingerprint(self.reference)
         if self.device_mesh is not None:  # ModelParallelStrategy (FSDP2): shard the policy, after the copy
@@ -284,8 +260,7 @@ class PPOModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     def on_fit_start(self) -> None:
-        self.policy.v_head.float()  # the head stays fp32 under bf16-true/16-true (values and losses are fp32)
-        self.reference.follow(self.policy)
+        prepare_models(self.policy, self.reference)
         if self.reward is not None:
             self.reward.setup(self.policy, self.tokenizer, self.device)
 
@@ -317,14 +292,14 @@ class PPOModule(L.LightningModule):
             order=self.sample_order(step),
             scheduler=self.lr_schedulers(),
             temperature=self.ppo.generation.temperature,
-            local_gradients=isinstance(self.trainer.strategy, SingleDeviceStrategy)
-            and getattr(self.trainer.precision_plugin, "scaler", None) is None,
+            local_gradients=gradients_are_local(self.trainer.strategy, self.trainer.precision_plugin),
             critic=self.critic,
             train_policy=step >= self.critic_config.warmup_steps,
         )
         # Critic warm-up: the value function trains alone, the policy's weights are held fixed.
         with contextlib.nullcontext() if engine.train_policy else frozen(policy_parameters(self.policy, self.critic)):
             output = self.core.step(engine, rollout, scores, self.tokenizer.eos_token_id, step)
+        self.generation.sync_weights(self.policy)
         metrics = output.stats
         metrics["time/ppo/generation"] = generation_time
         metrics["ppo/step"] = float(step)
@@ -343,8 +318,9 @@ class PPOModule(L.LightningModule):
     def generate_rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
         """Sample one response per prompt (``batch``: ``query_ids``/``query_mask``). Override for your own sampling."""
         check_prompt_batch(batch, self.ppo.batch_size, left_padded=not self.is_encoder_decoder)
-        self.policy.eval()  # dropout off in rollouts
-        return generate(self.policy, batch, self.ppo.generation, self.tokenizer, self.ppo.cpu_kernels)
+        sampling = sampling_kwargs(self.ppo.generation, self.tokenizer)
+        return self.generation.generate(self.policy, batch["query_ids"], batch["query_mask"],
+                                        sampling["eos_token_id"], **sampling)
 
     def score_rollout(self, rollout: Rollout) -> torch.Tensor:
         """One score per sample ([B] tensor, or a list of B floats). Override to score with your own environment
@@ -393,30 +369,3 @@ class PPOModule(L.LightningModule):
                 "initial model (the same checkpoint, or torch.manual_seed(...) before building a random one)."
             )
         self.core.load_state_dict(state)
-
-
-def reference_fingerprint(reference: Reference) -> float | None:
-    """A float64 sum of the reference's language-model weights (not its value head: the KL never reads it), so a
-    resumed run can tell that it rebuilt the reference its checkpoint trained against. None for ``peft`` references
-    (their base weights come back with the checkpoint) and for weights not materialised yet (meta tensors)."""
-    params = [p for n, p in reference.model.named_parameters() if not n.startswith("v_head.")]
-    if reference.mode == "peft" or any(p.is_meta for p in params):
-        return None
-    with torch.no_grad():  # in chunks: a float64 copy of a whole embedding matrix would raise peak memory
-        return float(sum(c.sum(dtype=torch.float64).item() for p in params for c in p.reshape(-1).split(1 << 18)))
-
-
-def reward_inputs(rollout: Rollout, tokenizer: Any) -> RewardInputs:
-    """The rollout as text and token ids, as reward sources take it."""
-    query_ids = [q[m.bool()].tolist() for q, m in zip(rollout.query_ids, rollout.query_mask)]
-    response_ids = [r[m.bool()].tolist() for r, m in zip(rollout.response_ids, rollout.response_mask)]
-    input_ids, attention_mask = rollout.full_sequence()
-    return RewardInputs(
-        prompts=tokenizer.batch_decode(query_ids, skip_special_tokens=True),
-        responses=tokenizer.batch_decode(response_ids, skip_special_tokens=True),
-        query_ids=query_ids,
-        response_ids=response_ids,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-    )
-

@@ -17,74 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-# TRL's patterns, then the seq2seq decoders (T5, BART). Matched against full parameter names, so the
-# ``pretrained_model.`` prefix of a value-head model or a PEFT wrapper does not matter.
-LAYER_PATTERNS = [
-    "transformer.h.{layer}",
-    "model.decoder.layers.{layer}",
-    "gpt_neox.layers.{layer}",
-    "model.layers.{layer}",
-    "decoder.block.{layer}",
-]
-
-
-def _layer_regex(pattern: str) -> re.Pattern:
-    if "{layer}" not in pattern:
-        raise ValueError(f"pattern={pattern!r} must contain '{{layer}}', e.g. 'transformer.h.{{layer}}'.")
-    head, tail = pattern.split("{layer}", 1)
-    return re.compile(rf"(?:^|\.){re.escape(head)}(\d+){re.escape(tail)}\.")
-
-
-def _layer_of(name: str, regex: re.Pattern) -> int | None:
-    match = regex.search(name)
-    return int(match.group(1)) if match else None
-
-
-def find_layer_pattern(model: nn.Module, pattern: str | None = None) -> tuple[str, int]:
-    """The layer pattern that matches ``model`` (``pattern`` if given) and the number of layers it matches."""
-    names = [name for name, _ in model.named_parameters()]
-    for candidate in [pattern] if pattern is not None else LAYER_PATTERNS:
-        regex = _layer_regex(candidate)
-        layers = {layer for name in names if (layer := _layer_of(name, regex)) is not None}
-        if layers:
-            return candidate, max(layers) + 1
-    if pattern is not None:
-        raise ValueError(
-            f"pattern={pattern!r} matches no parameter of {type(model).__name__} (a typo?); parameter names look "
-            f"like {names[min(2, len(names) - 1)]!r}. Nothing was changed."
-        )
-    raise ValueError(
-        f"Layer pattern could not be matched for {type(model).__name__}: none of {LAYER_PATTERNS} fits its parameter "
-        "names. Pass `pattern=` with '{layer}' where the layer index goes."
-    )
-
-
-def shared_parameter_names(model: nn.Module, num_shared_layers: int, pattern: str | None = None) -> list[str]:
-    """Names of the parameters below layer ``num_shared_layers`` (embeddings included), in TRL's order semantics."""
-    pattern, num_layers = find_layer_pattern(model, pattern)
-    if isinstance(num_shared_layers, bool) or not isinstance(num_shared_layers, int):
-        raise ValueError(f"num_shared_layers must be an int or None, got {num_shared_layers!r}.")
-    if not 0 <= num_shared_layers < num_layers:
-        raise ValueError(
-            f"num_shared_layers={num_shared_layers} is out of range for a model with {num_layers} layers matching "
-            f"{pattern!r}: use 0..{num_layers - 1}, or None for a full frozen copy."
-        )
-    regex = _layer_regex(pattern)
-    shared = []
-    for name, _ in model.named_parameters():
-        layer = _layer_of(name, regex)
-        if layer is not None and layer >= num_shared_layers:
-            break  # everything from the first unshared layer on is unshared
-        shared.append(name)
-    return shared
+from lit_vhead.layers import layer_module_names, shared_parameter_names
 
 
 def create_reference_model(
@@ -134,18 +74,6 @@ def tie_shared_parameters(reference: nn.Module, model: nn.Module) -> int:
                 ref_param.data = own.data
                 tied += 1
     return tied
-
-
-def layer_module_names(model: nn.Module, num_shared_layers: int, pattern: str | None = None) -> list[str]:
-    """Module paths of layers ``0..num_shared_layers-1`` (e.g. ``pretrained_model.transformer.h.0``)."""
-    pattern, _ = find_layer_pattern(model, pattern)
-    regex = _layer_regex(pattern)
-    paths: dict[int, str] = {}
-    for name, _ in model.named_parameters():
-        match = regex.search(name)
-        if match and int(match.group(1)) < num_shared_layers:
-            paths.setdefault(int(match.group(1)), name[: match.end() - 1].lstrip("."))
-    return [paths[layer] for layer in sorted(paths)]
 
 
 _UNSET = object()
@@ -284,6 +212,16 @@ class ReferenceConfig:
         if self.mode == "shared":
             shared_parameter_names(policy, self.num_shared_layers, self.pattern)  # raises on a bad k or pattern
 
+    @classmethod
+    def default_for(cls, policy: nn.Module, num_shared_layers: int | None = None,
+                    reuse_trunk: bool = True) -> ReferenceConfig:
+        """The reference when none is chosen: the adapters-disabled base of a PEFT policy, else a frozen copy (its
+        lower ``num_shared_layers`` layers shared with the policy)."""
+        if getattr(policy, "is_peft_model", False):
+            return cls(mode="peft")
+        mode = "copy" if num_shared_layers is None else "shared"
+        return cls(mode=mode, num_shared_layers=num_shared_layers, reuse_trunk=reuse_trunk)
+
     def build(self, policy: nn.Module) -> Reference:
         """The reference of ``policy``, made from its current (pretrained, untrained) weights."""
         self.validate(policy)
@@ -298,17 +236,26 @@ class ReferenceConfig:
         return Reference(reference, self.mode, trunk=trunk)
 
 
-def shard_policy(policy: nn.Module, mesh: Any) -> None:
-    """FSDP2 (``fully_shard``) over ``mesh``: each decoder layer, the base model and the value head, in place.
+def as_reference_config(ref: Any) -> ReferenceConfig | None:
+    """A ``ReferenceConfig`` from a config, a mode string (``"copy"``, ``"shared"``, ``"peft"``), a dict or None."""
+    if ref is None or isinstance(ref, ReferenceConfig):
+        return ref
+    if isinstance(ref, str):
+        return ReferenceConfig(mode=ref)
+    if isinstance(ref, Mapping):
+        return ReferenceConfig(**ref)
+    raise TypeError(
+        "ref must be None (a frozen copy), a mode 'copy'/'shared'/'peft', a dict such as {'mode': 'shared', "
+        f"'num_shared_layers': 1}}, or a lit_vhead.ReferenceConfig; got {type(ref).__name__} {ref!r}."
+    )
 
-    The hooks fire on ``__call__``, so generation, ``forward_with_values`` and the head all gather their weights.
-    The reference is built before this, from the plain (unsharded) policy.
-    """
-    from torch.distributed.fsdp import fully_shard
 
-    _, num_layers = find_layer_pattern(policy)
-    for path in layer_module_names(policy, num_layers):
-        fully_shard(policy.get_submodule(path), mesh=mesh)
-    fully_shard(policy.pretrained_model, mesh=mesh)
-    fully_shard(policy.v_head, mesh=mesh)
-
+def reference_fingerprint(reference: Reference) -> float | None:
+    """A float64 sum of the reference's language-model weights (not its value head: the KL never reads it), so a
+    resumed run can tell that it rebuilt the reference its checkpoint trained against. None for ``peft`` references
+    (their base weights come back with the checkpoint) and for weights not materialised yet (meta tensors)."""
+    params = [p for n, p in reference.model.named_parameters() if not n.startswith("v_head.")]
+    if reference.mode == "peft" or any(p.is_meta for p in params):
+        return None
+    with torch.no_grad():  # in chunks: a float64 copy of a whole embedding matrix would raise peak memory
+        return float(sum(c.sum(dtype=torch.float64).item() for p in params for c in p.reshape(-1).split(1 << 18)))

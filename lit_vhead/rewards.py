@@ -10,9 +10,12 @@ import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from lit_vhead.rollout import Rollout
 
 
 class RewardError(ValueError):
@@ -293,4 +296,19 @@ def as_reward_source(reward: Any) -> RewardSource:
     raise TypeError(
         "reward must be a function fn(prompts, responses, **kw) -> one float per sample, a (sequence-"
         f"classification model, tokenizer) pair, or a lit_vhead.rewards.RewardSource; got {type(reward).__name__}."
+    )
+
+
+def reward_inputs(rollout: Rollout, tokenizer: Any) -> RewardInputs:
+    """The rollout as text and token ids, as reward sources take it."""
+    query_ids = [q[m.bool()].tolist() for q, m in zip(rollout.query_ids, rollout.query_mask)]
+    response_ids = [r[m.bool()].tolist() for r, m in zip(rollout.response_ids, rollout.response_mask)]
+    input_ids, attention_mask = rollout.full_sequence()
+    return RewardInputs(
+        prompts=tokenizer.batch_decode(query_ids, skip_special_tokens=True),
+        responses=tokenizer.batch_decode(response_ids, skip_special_tokens=True),
+        query_ids=query_ids,
+        response_ids=response_ids,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
     )

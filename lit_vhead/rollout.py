@@ -1,4 +1,4 @@
-"""Rollouts: batched, KV-cached generation and the log-prob/value pass over what was generated.
+"""Rollouts: the batch PPO trains on, and the log-prob/value pass over it (sampling: :mod:`lit_vhead.generation`).
 
 One code path serves causal and seq2seq models; only how prompt and response are laid out differs:
 - causal: ``[left-padded prompt | response]`` in one sequence, ``position_ids`` from the attention mask (trl#469);
@@ -11,8 +11,6 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from lit_vhead.config import SamplingConfig
-from lit_vhead.kernels import fast_kernels
 from lit_vhead.ppo import logprobs_from_logits
 from lit_vhead.sequence import position_ids_from_mask
 
@@ -45,46 +43,6 @@ class Rollout:
         if self.is_encoder_decoder:
             return self.query_ids, self.query_mask
         return torch.cat([self.query_ids, self.response_ids], 1), torch.cat([self.query_mask, self.response_mask], 1)
-
-
-def response_mask_from_eos(response_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """1 up to and including the first EOS of each row (TRL keeps the EOS), 0 after it."""
-    if eos_token_id is None:
-        return torch.ones_like(response_ids)
-    is_eos = (response_ids == eos_token_id).long()
-    eos_before = torch.cumsum(is_eos, dim=1) - is_eos  # EOS tokens strictly before each position
-    return (eos_before == 0).long()
-
-
-@torch.no_grad()
-def generate(policy, batch: dict[str, torch.Tensor], settings: SamplingConfig, tokenizer,
-             cpu_kernels: bool | str = False) -> Rollout:
-    """Sample one response per prompt with the KV cache; responses end at (and keep) their first EOS.
-
-    ``cpu_kernels``: run the policy with :func:`lit_vhead.kernels.fast_kernels` (``PPOConfig.cpu_kernels``).
-    """
-    eos = tokenizer.eos_token_id if settings.stop_at_eos else None
-    with fast_kernels(policy, enabled=cpu_kernels):
-        output = policy.generate(
-            input_ids=batch["query_ids"],
-            attention_mask=batch["query_mask"],
-            max_new_tokens=settings.max_new_tokens,
-            min_new_tokens=settings.min_new_tokens or None,
-            do_sample=settings.do_sample,
-            temperature=settings.temperature if settings.do_sample else None,
-            top_k=settings.top_k if settings.do_sample else None,
-            top_p=settings.top_p if settings.do_sample else None,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
-            use_cache=True,
-        )
-    if policy.config.is_encoder_decoder:
-        decoder_start, response = output[:, :1], output[:, 1:]
-    else:
-        decoder_start, response = None, output[:, batch["query_ids"].shape[1] :]
-    mask = response_mask_from_eos(response, eos)
-    response = response.masked_fill(mask == 0, tokenizer.pad_token_id)
-    return Rollout(batch["query_ids"], batch["query_mask"], response, mask, decoder_start)
 
 
 def _model_inputs(rollout: Rollout) -> dict[str, torch.Tensor]:

@@ -20,14 +20,16 @@ import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from lit_vhead.builders import build_tokenizer, check_model_source, model_config_of, value_head_class
+from lit_vhead.builders import build_tokenizer, resolve_model_source, value_head_class
 from lit_vhead.callbacks import SavePretrained
 from lit_vhead.checkpoint import CheckpointError
 from lit_vhead.cli import check_group_keys
 from lit_vhead.config import as_ppo_config
+from lit_vhead.layers import shared_parameter_names
 from lit_vhead.loggers import CSVLogger, WandbLogger
 from lit_vhead.module import PPOModule
-from lit_vhead.reference import ReferenceConfig, shared_parameter_names
+from lit_vhead.noise import quiet
+from lit_vhead.reference import ReferenceConfig
 from lit_vhead.resume import RUN_CONFIG_KEY, SaveRunConfig, command_overrides, plain, resumed_config, write_run_config
 from lit_vhead.rewards import RewardAdapter, check_reward_targets
 from lit_vhead.rundir import (
@@ -38,7 +40,7 @@ from lit_vhead.rundir import (
     remove_if_empty,
 )
 from lit_vhead.summary import RunSummary
-from lit_vhead.sweep import fix_ddp_children_in_multirun
+from lit_vhead.sweep import ddp_children_of_this_job
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, OSError)
 
@@ -169,14 +171,14 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     check_group_keys(cfg)
     ppo = as_ppo_config(cfg.ppo)
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    check_model_source(model_cfg)
+    source = resolve_model_source(model_cfg)  # checked and its config read once for the whole run
     ref = _instantiate(cfg.ref)
     if "stage_3" in str(cfg.trainer.get("strategy")) and ref.mode != "peft":
         raise ValueError(
             f"ref.mode={ref.mode} cannot be built under DeepSpeed ZeRO-3 (the policy's weights are sharded); "
             "use ref=peft with peft=lora, or trainer=deepspeed (ZeRO-2)."
         )
-    _check_reference(model_cfg, model_config_of(model_cfg), ref)
+    _check_reference(model_cfg, source.config, ref)
     _check_precision(cfg.trainer)
     for key in ("save_pretrained_dir", "save_critic_dir"):
         if cfg.get(key):
@@ -190,7 +192,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         )
     tokenizer = build_tokenizer(model_cfg)
     module = PPOModule(
-        policy=model_cfg,
+        policy=source,
         tokenizer=tokenizer,
         reward=reward,
         ppo=ppo,
@@ -206,7 +208,6 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     datamodule.prepare_for(module)  # over-long or empty prompts fail here, before any model is built
     module.check_reward(datamodule.prompts)
 
-    fix_ddp_children_in_multirun()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loggers = _instantiate_dict(cfg.get("logger"))
     if resume_step is not None:
@@ -225,7 +226,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
 
     environ, failed = dict(os.environ), True
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), ddp_children_of_this_job():
             if ckpt_path is not None:  # resuming into the run's own checkpoints/ is the point, not a mistake
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -276,7 +277,8 @@ def main(cfg: DictConfig) -> float | None:
     the finished run's metric (None if it has none) and exits 0."""
     _print_library_log()
     try:
-        metrics = train(cfg)
+        with quiet():
+            metrics = train(cfg)
         return metric_value(metrics, cfg.get("optimized_metric")) if metrics else None
     except USER_ERRORS as err:
         if not isinstance(err, RunDirBusyError):

@@ -1,12 +1,15 @@
 """Sweeps: a summary table (CSV + printed) and a reward-curve comparison when a Hydra multirun ends, and the fix
-for Lightning's DDP child processes starting a second sweep (Lightning-AI/pytorch-lightning#11300).
+for Lightning's DDP child processes starting a second sweep (Lightning-AI/pytorch-lightning#11300), confined to the
+``fit`` that starts them (:func:`ddp_children_of_this_job`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,12 +94,24 @@ def _job_subprocess_cmd(local_rank: int) -> tuple[list[str], str]:
     return command, get_original_cwd()
 
 
-def fix_ddp_children_in_multirun() -> None:
-    """In a multirun, make Lightning start DDP children as plain runs of the current job, not as a new sweep."""
+@contextlib.contextmanager
+def ddp_children_of_this_job() -> Iterator[None]:
+    """In a multirun, Lightning starts DDP children as plain runs of the current job, not as a new sweep, while the
+    block runs (the ``Trainer.fit`` that launches them). Lightning has no public hook for the command it builds, so
+    its private ``_hydra_subprocess_cmd`` is replaced for the block only and restored on exit; outside a multirun
+    nothing is replaced."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        yield
         return
     import lightning.fabric.strategies.launchers.subprocess_script as fabric_launcher
     import lightning.pytorch.strategies.launchers.subprocess_script as pytorch_launcher
 
-    fabric_launcher._hydra_subprocess_cmd = _job_subprocess_cmd
-    pytorch_launcher._hydra_subprocess_cmd = _job_subprocess_cmd
+    launchers = (fabric_launcher, pytorch_launcher)
+    originals = [launcher._hydra_subprocess_cmd for launcher in launchers]
+    for launcher in launchers:
+        launcher._hydra_subprocess_cmd = _job_subprocess_cmd
+    try:
+        yield
+    finally:
+        for launcher, original in zip(launchers, originals):
+            launcher._hydra_subprocess_cmd = original

@@ -170,3 +170,16 @@ def test_compile_gives_trl_0_11_4_weights_and_sets_nothing_on_the_model():
         weights = replay_fixture("equal", compile=True)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the forward really was compiled
     assert max_diff_to_trl(weights, "equal") <= 1e-5
+
+
+@pytest.mark.parametrize("setting", [True, "auto"])
+def test_a_model_without_fp32_cpu_weights_runs_none_of_it_whatever_the_setting(setting, gemm_calls):
+    """As on a GPU: no routing mode, no glibc setting, even with ``cpu_kernels=true``."""
+    model = value_head_model("gpt2").to(torch.bfloat16)
+    calls = kernels.keep_freed_memory.cache_info()
+    with fast_kernels(model, enabled=setting) as mode:
+        model(torch.tensor([[5, 6, 7]]))
+    after = kernels.keep_freed_memory.cache_info()
+    assert mode is None and not gemm_calls
+    assert after.hits + after.misses == calls.hits + calls.misses
+    assert not kernels.use_cpu_kernels(setting, model)

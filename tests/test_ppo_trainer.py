@@ -457,6 +457,7 @@ def test_accelerator_shim_answers_what_classic_scripts_ask():
     accelerator = trainer.accelerator
     assert accelerator.device == trainer.current_device == torch.device("cpu")
     assert accelerator.is_main_process and accelerator.num_processes == 1 and not trainer.is_distributed
+    assert accelerator.process_index == 0  # TRL's examples/research_projects/tools/triviaqa.py seeds by it
     assert accelerator.unwrap_model(trainer._wrapped) is trainer.model
     assert accelerator.gather(torch.tensor(3.0)).tolist() == [3.0]
     accelerator.wait_for_everyone()
@@ -464,6 +465,16 @@ def test_accelerator_shim_answers_what_classic_scripts_ask():
     loader = accelerator.prepare(torch.utils.data.DataLoader(list(range(8)), batch_size=4))
     assert [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert trainer.config.world_size == 1 and trainer.config.global_batch_size == 4
+
+
+def test_the_accelerator_shim_has_what_the_readme_lists():
+    from lit_vhead.accelerator import Accelerator
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    listed = re.search(r"`ppo_trainer.accelerator` answers (.*?)\(None\)", readme, re.S).group(1)
+    names = {name.split("(")[0].split(".")[0] for name in re.findall(r"`([\w.()]+)`", listed)}
+    public = {name for name in dir(Accelerator) if not name.startswith("_")}
+    assert public == names
 
 
 def test_trl_core_helpers():
@@ -664,19 +675,19 @@ def test_gloo_waits_return_once_the_worker_thread_lets_go_of_their_tensor():
     import threading
     import time
 
-    from lit_vhead.accelerator import _released_after
+    from lit_vhead.distributed import released_after
 
     tensor, held = torch.zeros(1), []
     tic = time.monotonic()
-    with _released_after(tensor):  # nothing holds it: no wait
+    with released_after(tensor):  # nothing holds it: no wait
         pass
     assert time.monotonic() - tic < 0.05
-    with _released_after(tensor):
+    with released_after(tensor):
         held.append(tensor)  # the collective's work takes a reference ...
         threading.Timer(0.2, held.clear).start()  # ... and the worker drops it 0.2 s later
     assert 0.15 < time.monotonic() - tic < 0.9 and not held
     tic = time.monotonic()
-    with _released_after(tensor, timeout=0.1):
+    with released_after(tensor, timeout=0.1):
         held.append(tensor)  # never dropped: give up after the timeout instead of hanging
     assert 0.1 <= time.monotonic() - tic < 0.5
 

@@ -22,7 +22,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-import lit_vhead.module
 from lit_vhead import (
     AutoModelForCausalLMWithValueHead,
     AutoModelForSeq2SeqLMWithValueHead,
@@ -33,8 +32,8 @@ from lit_vhead import (
 )
 from lit_vhead.builders import ModelNotFoundError
 from lit_vhead.data import collate_prompts
-from lit_vhead.module import reward_inputs
-from lit_vhead.rewards import RewardError, RewardModel
+from lit_vhead.generation import HFGeneration
+from lit_vhead.rewards import RewardError, RewardModel, reward_inputs
 
 PPO = {"steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "learning_rate": 1e-3,
        "generation": {"max_new_tokens": 4}}
@@ -103,7 +102,7 @@ def forbid_rollouts(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a rollout started before the bad input was reported")
 
-    monkeypatch.setattr(lit_vhead.module, "generate", fail)
+    monkeypatch.setattr(HFGeneration, "generate", fail)
 
 
 @pytest.fixture
@@ -391,12 +390,13 @@ def test_environment_scores_of_the_wrong_shape_name_the_subclass(byt5, no_rollou
 
     from lit_vhead.rollout import Rollout
 
-    def fake(policy, batch, *settings):  # responses = the prompts: scoring is what this test is about
-        return Rollout(batch["query_ids"], batch["query_mask"], batch["query_ids"], batch["query_mask"])
+    class Echo(HFGeneration):  # responses = the prompts: scoring is what this test is about
+        def generate(self, model, query_ids, query_mask, *args, **kwargs):
+            return Rollout(query_ids, query_mask, query_ids, query_mask)
 
-    monkeypatch.setattr(lit_vhead.module, "generate", fake)
+    module = Bad(tiny_hf_model("gpt2"), byt5, None, ppo=PPO, generation=Echo())
     with pytest.raises(RewardError, match=r"Bad.score_rollout returned shape \(4, 2\)"):
-        trainer().fit(Bad(tiny_hf_model("gpt2"), byt5, None, ppo=PPO), datamodule=PromptDataModule(PROMPTS))
+        trainer().fit(module, datamodule=PromptDataModule(PROMPTS))
 
 
 def test_plain_trainer_runs_ppo_steps_and_logs_every_step(tmp_path, byt5):

@@ -18,7 +18,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import lit_vhead
 from lit_vhead import AutoModelForCausalLMWithValueHead, AutoModelForSeq2SeqLMWithValueHead, create_reference_model
-from lit_vhead.reference import LAYER_PATTERNS, find_layer_pattern, tie_shared_parameters
+from lit_vhead.layers import LAYER_PATTERNS, find_layer_pattern
+from lit_vhead.reference import tie_shared_parameters
 
 LAYER = "pretrained_model.transformer.h.{layer}.attn.c_attn.weight"  # TRL's test names
 EXPECTED_PATTERN = {

@@ -117,7 +117,8 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmpfs, tmp_path):
     """Checkpoints on their own filesystem (the system temp dir elsewhere), full as PPO step 1's checkpoint is saved."""
     checkpoints = tmpfs("64m")
     overrides = ["callbacks=default", "callbacks.progress_bar=null", "callbacks.model_checkpoint.every_n_epochs=1",
-                 f"callbacks.model_checkpoint.dirpath={checkpoints}", f"callbacks.last_checkpoint.dirpath={checkpoints}",
+                 f"callbacks.model_checkpoint.dirpath={checkpoints}",
+                 f"callbacks.last_checkpoint.dirpath={checkpoints}",
                  f"+callbacks.fill.directory={checkpoints}",
                  "+callbacks.fill._target_=helpers_callbacks.FillDisk", "+callbacks.fill.at_epoch=1"]
     cfg = compose(FAST + overrides, tmp_path)
@@ -218,8 +219,8 @@ def test_any_override_is_accepted_valid_or_rejected_naming_the_key(tmp_path, ove
 
 def test_responses_that_end_at_once_train():
     """A response whose first token is EOS has length 1 (the EOS is kept): the score lands there, nothing is NaN."""
+    from lit_vhead.generation import response_mask_from_eos
     from lit_vhead.ppo import compute_advantages, compute_rewards, ppo_loss
-    from lit_vhead.rollout import response_mask_from_eos
 
     response = torch.tensor([[1, 0, 0, 0], [5, 6, 1, 0], [7, 8, 9, 10]])
     mask = response_mask_from_eos(response, eos_token_id=1)

@@ -89,3 +89,44 @@ def test_kl_estimators_are_listed_once_and_the_readme_agrees(tmp_path):
     listed = re.search(r"`ppo\.kl_penalty`: ([a-z0-9, ]+)\)", readme).group(1)
     assert [k.strip() for k in listed.split(",")] == list(KL_PENALTY_KINDS)
 
+
+
+# A key written as a command-line override (`group.key=value`) in the README, the configs' comments, or the code's
+# messages and docstrings; `+key=` adds a key on purpose and is not checked.
+OVERRIDE = re.compile(r"(?<![\w.+{/-])((?:ppo|head|data|model|reward|ref|trainer|logger|optimizer|scheduler|peft|"
+                      r"callbacks|paths)(?:\.[A-Za-z_]\w*)+)=")
+
+
+def override_keys() -> dict[str, list[str]]:
+    files = [Path(ROOT, "README.md"), *Path(ROOT, "configs").rglob("*.yaml"), *Path(ROOT, "lit_vhead").rglob("*.py")]
+    found: dict[str, list[str]] = {}
+    for file in files:
+        for key in OVERRIDE.findall(file.read_text()):
+            found.setdefault(key, []).append(str(file.relative_to(ROOT)))
+    return found
+
+
+def test_every_key_the_docs_tell_users_to_override_exists(tmp_path):
+    """e.g. ``data.path=`` in an experiment's comment, where the key is ``data.prompts``: each key exists in the
+    composed config with one of its group's options (``reward.name_or_path`` with ``reward=model``)."""
+    from omegaconf import OmegaConf
+
+    def keys(node, prefix=""):
+        out = set()
+        for k, v in node.items():
+            if prefix or k != "hydra":
+                out.add(prefix + str(k))
+                if isinstance(v, dict):
+                    out |= keys(v, f"{prefix}{k}.")
+        return out
+
+    def composed(overrides):
+        return OmegaConf.to_container(compose(overrides, tmp_path), resolve=False)
+
+    known = keys(composed([]))
+    for group in ("model", "reward", "ref", "trainer", "logger", "optimizer", "scheduler", "peft", "callbacks"):
+        for option in Path(ROOT, "configs", group).glob("*.yaml"):
+            known |= keys(composed([f"{group}={option.stem}"]))
+    named = override_keys()
+    assert len(named) > 20  # the scan finds the README's examples
+    assert {key: files for key, files in named.items() if key not in known} == {}

@@ -71,3 +71,31 @@ def test_main_returns_the_optimized_metric(tmp_path):
     assert value == pytest.approx(logged)
     with pytest.raises(ValueError, match="no/such.*was not logged"):
         metric_value({"a": 1.0}, "no/such")
+
+
+def test_ddp_children_fix_is_in_force_only_inside_its_block(tmp_path):
+    """Lightning's launchers build their DDP child command with their own function again once the block ends (also
+    when it raises), and outside a multirun the block changes nothing."""
+    import lightning.fabric.strategies.launchers.subprocess_script as fabric_launcher
+    import lightning.pytorch.strategies.launchers.subprocess_script as pytorch_launcher
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import read_write
+
+    from lit_vhead.sweep import _job_subprocess_cmd, ddp_children_of_this_job
+
+    launchers = (fabric_launcher, pytorch_launcher)
+    originals = [launcher._hydra_subprocess_cmd for launcher in launchers]
+    cfg = compose(FAST, tmp_path)
+    with ddp_children_of_this_job():  # a single run: nothing to fix
+        assert [launcher._hydra_subprocess_cmd for launcher in launchers] == originals
+    with read_write(cfg.hydra):
+        cfg.hydra.mode = RunMode.MULTIRUN
+    HydraConfig().set_config(cfg)
+    with ddp_children_of_this_job():
+        assert all(launcher._hydra_subprocess_cmd is _job_subprocess_cmd for launcher in launchers)
+    assert [launcher._hydra_subprocess_cmd for launcher in launchers] == originals
+    with pytest.raises(RuntimeError, match="fit failed"), ddp_children_of_this_job():
+        raise RuntimeError("fit failed")
+    assert [launcher._hydra_subprocess_cmd for launcher in launchers] == originals
+    compose(FAST, tmp_path)  # later tests see a single run again

@@ -126,7 +126,7 @@ def run_case(name: str, tmp_path: Path, max_grad_norm: float = 0.0):
 
     from lit_vhead.experimental.ppo import PPOConfig as TRLConfig
     from lit_vhead.experimental.ppo import PPOTrainer
-    from lit_vhead.experimental.ppo.ppo_trainer import StepBatches
+    from lit_vhead.experimental.ppo.data import StepBatches
 
     case = CASES[name]
     settings = {**RECORD["common"], **case["config"]}

@@ -49,6 +49,13 @@ def default_optimizer(learning_rate: float) -> Callable[[Any], torch.optim.Optim
     return build
 
 
+def prepare_models(policy: torch.nn.Module, reference: Reference) -> None:
+    """Once the loop has placed the policy (device, precision): the value head in fp32 (values and losses stay fp32
+    under bf16-true/16-true), the reference on the policy's device and dtype."""
+    policy.v_head.float()
+    reference.follow(policy)
+
+
 @dataclass
 class Engine:
     """What the caller's loop provides to one PPO update."""

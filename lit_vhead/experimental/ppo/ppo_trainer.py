@@ -11,30 +11,25 @@ checkpoints. Given the same weights and rollout, one update equals TRL's to floa
 from __future__ import annotations
 
 import json
-import math
 import os
-import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
-from transformers import TrainerState
+from torch.utils.data import DataLoader
 
-from lit_vhead.critic import Critic
-from lit_vhead.data import step_seed
+from lit_vhead.experimental.ppo.data import QueryCollator, StepBatches, check_dataset
+from lit_vhead.experimental.ppo.generation import batch_generation
 from lit_vhead.experimental.ppo.ppo_config import PPOConfig
-from lit_vhead.module import PPOModule
+from lit_vhead.experimental.ppo.ppo_module import ExperimentalPPOModule
+from lit_vhead.experimental.ppo.trl_loop import OnlineTrainerState, TRLLoop, absolute_steps, show_completions
 from lit_vhead.ppo.functional import masked_mean, masked_var, masked_whiten
-from lit_vhead.reference import Reference, ReferenceConfig
-from lit_vhead.rollout import Rollout, generate
-from lit_vhead.sequence import gather_last, pad_sequences
+from lit_vhead.reference import ReferenceConfig
 
-__all__ = [
+__all__ = [  # TRL's names here (its tests import the masked_* helpers and batch_generation from this module)
     "OnlineTrainerState",
     "PPOConfig",
     "PPOTrainer",
@@ -48,13 +43,6 @@ __all__ = [
 CHECKPOINT_FILE = "ppo.ckpt"  # the Lightning checkpoint inside each output_dir/checkpoint-<step>/
 
 
-@dataclass
-class OnlineTrainerState(TrainerState):
-    """``transformers.TrainerState`` with TRL's ``episode`` counter (prompts trained on so far)."""
-
-    episode: int = 0
-
-
 class PolicyAndValueWrapper(nn.Module):
     """TRL's ``trainer.model``: the policy (``.policy``, the user's model, PEFT-wrapped if ``peft_config``) and the
     value model (``.value_model``) side by side."""
@@ -64,164 +52,6 @@ class PolicyAndValueWrapper(nn.Module):
         self.policy = policy
         self.value_model = value_model
         self.config = getattr(policy, "config", None)
-
-
-@torch.no_grad()
-def batch_generation(model: nn.Module, queries: torch.Tensor, local_rollout_forward_batch_size: int,
-                     pad_token_id: int, generation_config: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """TRL's helper: sample for left-padded ``queries`` in chunks; returns ``(query_responses, logits)`` with the
-    responses right-padded with ``pad_token_id`` to one width, and the (processed) scores of each generated position
-    ``[B, T, V]`` (zeros where a chunk stopped earlier)."""
-    context = queries.shape[1]
-    sequences, scores = [], []
-    for begin in range(0, queries.shape[0], local_rollout_forward_batch_size):
-        query = queries[begin : begin + local_rollout_forward_batch_size]
-        mask = query != pad_token_id
-        out = model.generate(input_ids=query.masked_fill(~mask, 0), attention_mask=mask,
-                             generation_config=generation_config, return_dict_in_generate=True, output_scores=True)
-        sequences.append(out.sequences[:, context:])
-        scores.append(torch.stack(out.scores, 1))
-    width = max(s.shape[1] for s in sequences)
-    responses = torch.cat([nn.functional.pad(s, (0, width - s.shape[1]), value=pad_token_id) for s in sequences])
-    logits = torch.cat([nn.functional.pad(s, (0, 0, 0, width - s.shape[1])) for s in scores])
-    return torch.cat([queries, responses], 1), logits
-
-
-class StepBatches(Sampler[list[int]]):
-    """The prompt indices of each PPO step: passes over the data set in a shuffled order (TRL's ``shuffle=True,
-    drop_last=True`` loader, repeated), each pass's order drawn from ``(seed, pass, rank)``, so step ``s`` always gets
-    the same prompts (an exact resume needs no loader state). Lightning calls ``set_epoch(step)`` before each step."""
-
-    def __init__(self, num_prompts: int, batch_size: int, seed: int, rank: int = 0) -> None:
-        if num_prompts < batch_size:
-            raise ValueError(
-                f"train_dataset has {num_prompts} prompts, fewer than one rollout batch (local_batch_size = "
-                f"per_device_train_batch_size * gradient_accumulation_steps = {batch_size}); lower the batch size."
-            )
-        self.num_prompts, self.batch_size, self.seed, self.rank = num_prompts, batch_size, seed, rank
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def indices(self, step: int) -> list[int]:
-        """The prompts of PPO step ``step``."""
-        per_pass = self.num_prompts // self.batch_size
-        passes, within = divmod(step, per_pass)
-        generator = torch.Generator().manual_seed(step_seed(self.seed, passes, self.rank))
-        order = torch.randperm(self.num_prompts, generator=generator)
-        return order[within * self.batch_size : (within + 1) * self.batch_size].tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield self.indices(self.epoch)
-
-    def __len__(self) -> int:
-        return 1
-
-
-class QueryCollator:
-    """The user's collator (TRL's default: ``DataCollatorWithPadding``), its ``input_ids`` re-padded on the left into
-    the ``query_ids``/``query_mask`` the PPO module takes (padding found by ``attention_mask``, else by the pad id)."""
-
-    def __init__(self, collator: Callable, pad_token_id: int) -> None:
-        self.collator, self.pad_token_id = collator, pad_token_id
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        missing = [i for i, row in enumerate(rows) if "input_ids" not in row]
-        if missing:
-            raise ValueError(
-                f"train/eval dataset rows need an 'input_ids' column (tokenised prompts), as TRL's PPOTrainer; row "
-                f"{missing[0]} has {sorted(rows[missing[0]])}."
-            )
-        batch = self.collator([{"input_ids": row["input_ids"]} for row in rows])
-        ids = torch.as_tensor(batch["input_ids"])
-        mask = torch.as_tensor(batch["attention_mask"]) if "attention_mask" in batch else ids != self.pad_token_id
-        queries = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
-        if any(not q for q in queries):
-            raise ValueError("A prompt in the data set is empty (no input_ids): every prompt needs a token.")
-        ids, mask = pad_sequences(queries, self.pad_token_id, "left")
-        return {"query_ids": ids, "query_mask": mask}
-
-
-class ExperimentalPPOModule(PPOModule):
-    """``PPOModule`` as TRL 0.29.1's experimental trainer runs PPO: scores from a reward model on the token ids,
-    minibatch orders from numpy's global generator (``np.random.permutation``, seeded with ``args.seed`` when
-    training starts and kept in checkpoints), a reference model the user passed, TRL's optimizer and scheduler."""
-
-    def __init__(self, *args: Any, reward_model: nn.Module, ref_model: nn.Module | None,
-                 make_optimizer: Callable[[ExperimentalPPOModule], Any], **kwargs: Any) -> None:
-        super().__init__(*args, reward=None, **kwargs)
-        # Not submodules: never trained, never in checkpoints. The reward reads its model as the critic reads the value
-        # model (backbone + one-output head at every position), at each sequence's last real token.
-        self.__dict__["reward_model"] = reward_model
-        self.__dict__["reward_scorer"] = Critic(reward_model)
-        self.__dict__["user_ref"] = ref_model
-        self.make_optimizer = make_optimizer
-        self.last_rollout: Rollout | None = None
-
-    def configure_model(self) -> None:
-        if self.reference is None and self.user_ref is not None:
-            from lit_vhead.builders import wrap_policy
-
-            self.__dict__["reference"] = Reference.from_model(wrap_policy(self.user_ref))
-            if self.ppo.gradient_checkpointing:
-                self.policy.gradient_checkpointing_enable()
-            self.policy.train()
-        super().configure_model()
-
-    def configure_optimizers(self) -> Any:
-        return self.make_optimizer(self)
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self.reward_model.to(self.device).eval()
-
-    def sample_order(self, step: int) -> Callable[[int], Any]:
-        return np.random.permutation
-
-    def score_rollout(self, rollout: Rollout) -> torch.Tensor:
-        """The reward model's score of prompt + response (cut after its EOS), read at the response's last token."""
-        self.last_rollout = rollout
-        input_ids, attention_mask = rollout.full_sequence()
-        with torch.no_grad():
-            return gather_last(self.reward_scorer.values(input_ids, attention_mask), attention_mask)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        checkpoint["numpy_rng"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos,
-                                   "has_gauss": has_gauss, "gauss": gauss}  # tensors: loadable with weights_only
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        state = checkpoint["numpy_rng"]
-        np.random.set_state(("MT19937", state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
-                             state["gauss"]))
-
-
-# TRL 0.29.1's logged metric <- the PPO core's statistic (means over the step's micro-batches, over the trained tokens)
-TRL_METRICS = {
-    "objective/kl": "objective/kl",
-    "objective/entropy": "objective/entropy",
-    "objective/scores": "ppo/mean_scores",
-    "policy/approxkl_avg": "ppo/policy/approxkl",
-    "policy/clipfrac_avg": "ppo/policy/clipfrac",
-    "loss/policy_avg": "ppo/loss/policy",
-    "loss/value_avg": "ppo/loss/value",
-    "val/clipfrac_avg": "ppo/val/clipfrac",
-    "policy/entropy_avg": "ppo/policy/entropy",
-    "val/ratio": "ppo/policy/ratio_mean",
-    "lr": "ppo/learning_rate",
-}
-
-
-def trl_metrics(stats: dict[str, Any], kl_coef: float) -> dict[str, float]:
-    """TRL 0.29.1's metrics of one PPO step from the core's statistics (``objective/non_score_reward`` is
-    ``-kl_coef * objective/kl`` summed per response, as TRL's)."""
-    out = {name: float(stats[key]) for name, key in TRL_METRICS.items() if key in stats}
-    out["objective/non_score_reward"] = -kl_coef * out["objective/kl"]
-    out["objective/rlhf_reward"] = out["objective/non_score_reward"] + out["objective/scores"]
-    return out
 
 
 class PPOTrainer:
@@ -275,9 +105,9 @@ class PPOTrainer:
                     f"{name} must be a transformers model with a one-output head, e.g. AutoModelForSequence"
                     f"Classification.from_pretrained(path, num_labels=1); got {type(scorer).__name__}."
                 )
-        _check_dataset(train_dataset, "train_dataset")
+        check_dataset(train_dataset, "train_dataset")
         if eval_dataset is not None:
-            _check_dataset(eval_dataset, "eval_dataset")
+            check_dataset(eval_dataset, "eval_dataset")
         if peft_config is not None:
             from peft import PeftModel
 
@@ -401,17 +231,17 @@ class PPOTrainer:
         ckpt_path = self._checkpoint_to_resume(resume_from_checkpoint)
         self.state.max_steps = args.num_total_batches
         self.state.num_train_epochs = args.total_episodes / self.train_dataset_len
-        self.state.logging_steps = _absolute(args.logging_steps, args.num_total_batches)
-        self.state.save_steps = _absolute(args.save_steps, args.num_total_batches)
+        self.state.logging_steps = absolute_steps(args.logging_steps, args.num_total_batches)
+        self.state.save_steps = absolute_steps(args.save_steps, args.num_total_batches)
         if args.eval_steps is not None:
-            self.state.eval_steps = _absolute(args.eval_steps, args.num_total_batches)
+            self.state.eval_steps = absolute_steps(args.eval_steps, args.num_total_batches)
         trainer = L.Trainer(
             accelerator="cpu" if args.use_cpu or not torch.cuda.is_available() else "gpu",
             devices=1,
             precision="bf16-mixed" if args.bf16 else "16-mixed" if args.fp16 else "32-true",
             max_epochs=args.num_total_batches,
             logger=False,
-            callbacks=[_TRLLoop(self)],
+            callbacks=[TRLLoop(self)],
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=False,
@@ -518,7 +348,7 @@ class PPOTrainer:
         table: dict[str, list] = {"query": [], "model response": [], "score": []}
         for batch in self.eval_dataloader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            rollout = generate(module.policy, batch, settings, tokenizer)
+            rollout = module.sample(batch, settings)
             table["query"] += tokenizer.batch_decode(
                 [q[m.bool()] for q, m in zip(rollout.query_ids, rollout.query_mask)], skip_special_tokens=True)
             table["model response"] += tokenizer.batch_decode(
@@ -528,79 +358,8 @@ class PPOTrainer:
                 break
         module.policy.train(was_training)
         df = pd.DataFrame(table)
-        _show(df, self.args.report_to)
+        show_completions(df, self.args.report_to)
         return df
-
-
-class _TRLLoop(L.Callback):
-    """TRL's per-update bookkeeping around each PPO step: ``state`` (episodes, steps), TRL's metrics in
-    ``log_history`` and the callbacks, checkpoints when the callbacks ask (``save_strategy``/``save_steps``), sample
-    completions every ``num_total_batches // num_sample_generations`` steps."""
-
-    def __init__(self, owner: PPOTrainer) -> None:
-        self.owner = owner
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: ExperimentalPPOModule) -> None:
-        o = self.owner
-        self.start = time.time()
-        o.control = o.callback_handler.on_train_begin(o.args, o.state, o.control)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ExperimentalPPOModule) -> None:
-        o, args = self.owner, self.owner.args
-        o.state.episode += args.batch_size
-        o.state.global_step += 1
-        o.state.epoch = o.state.episode / o.train_dataset_len
-        stats = {k: v.item() if torch.is_tensor(v) else v for k, v in trainer.callback_metrics.items()}
-        metrics = {"eps": int(o.state.episode / max(time.time() - self.start, 1e-9))}
-        metrics.update(trl_metrics(stats, args.kl_coef))
-        rollout = pl_module.last_rollout
-        eos = o.processing_class.eos_token_id
-        metrics["val/num_eos_tokens"] = int(((rollout.response_ids == eos) & rollout.response_mask.bool()).sum())
-        metrics["episode"] = o.state.episode
-        o.log(metrics)
-        o.control = o.callback_handler.on_step_end(args, o.state, o.control)
-        if o.control.should_save:
-            o._save_checkpoint()
-            o.control = o.callback_handler.on_save(args, o.state, o.control)
-        if o.control.should_training_stop:
-            trainer.should_stop = True
-        update = o.state.global_step
-        if args.num_sample_generations > 0 and (update - 1) % o.sample_generations_freq == 0:
-            o.generate_completions(sampling=True)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: ExperimentalPPOModule) -> None:
-        o = self.owner
-        o.control = o.callback_handler.on_train_end(o.args, o.state, o.control)
-        if o.control.should_save:
-            o._save_checkpoint()
-            o.control = o.callback_handler.on_save(o.args, o.state, o.control)
-
-
-def _absolute(value: float | None, total: int) -> int | None:
-    """``logging_steps``/``save_steps``: a float below 1 is a fraction of the run, as in TRL."""
-    if value is None:
-        return None
-    return math.ceil(total * value) if value < 1 else int(value)
-
-
-def _show(df: Any, report_to: Sequence[str]) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        Console = None
-    if Console is not None:
-        table = Table(show_lines=True)
-        for column in df.columns:
-            table.add_column(column)
-        for _, row in df.iloc[:5].iterrows():
-            table.add_row(*row.astype(str).tolist())
-        Console().print(table)
-    if "wandb" in report_to:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.log({"completions": wandb.Table(dataframe=df)})
 
 
 def _is_peft(model: Any) -> bool:
@@ -609,15 +368,3 @@ def _is_peft(model: Any) -> bool:
     except ImportError:
         return False
     return isinstance(model, PeftModel)
-
-
-def _check_dataset(dataset: Any, name: str) -> None:
-    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__") or len(dataset) == 0:
-        raise ValueError(f"{name} must be a non-empty data set of tokenised prompts (rows with 'input_ids').")
-    row = dataset[0]
-    if not isinstance(row, dict) or "input_ids" not in row:
-        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise ValueError(
-            f"{name} rows need an 'input_ids' column (tokenised prompts, as TRL's PPOTrainer); the first row has "
-            f"{keys}. Tokenise it first, e.g. dataset.map(lambda x: tokenizer(x['prompt']), remove_columns=...)."
-        )
