@@ -252,3 +252,32 @@ def test_bad_config_fails_in_one_line(tmp_path, field, value, message):
     with pytest.raises(ValueError) as info:
         PPOConfig(output_dir=str(tmp_path), use_cpu=True, **{field: value})
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.slow
+def test_saved_policy_and_critic_reload_in_a_fresh_process(standins, tmp_path):
+    """save_model's policy and critic/ load offline in a new process (plain transformers) with the same outputs."""
+    import json
+    import os
+    import subprocess
+
+    trainer = make_trainer(standins, tmp_path, args={"total_episodes": 4, "save_strategy": "no"})
+    trainer.train()
+    out = tmp_path / "saved"
+    trainer.save_model(str(out))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        here = [trainer.model.policy(ids).logits.tolist(), trainer.model.value_model(ids).logits.tolist()]
+    code = (
+        "import json, sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification\n"
+        "ids = torch.tensor([[5, 6, 7, 8, 9]])\n"
+        "policy = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+        "critic = AutoModelForSequenceClassification.from_pretrained(sys.argv[1] + '/critic')\n"
+        "with torch.no_grad():\n"
+        "    print(json.dumps([policy(ids).logits.tolist(), critic(ids).logits.tolist()]))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env,
+                            check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == here
