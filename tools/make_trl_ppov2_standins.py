@@ -13,16 +13,15 @@ writes (nothing from the hub, deterministic, a few seconds):
 - ``datasets/trl-internal-testing/zen`` (configs ``standard_prompt_only``: ``prompt``, train/test;
   ``conversational_language_modeling``: ``messages``) and ``datasets/trl-internal-testing/descriptiveness-sentiment-
   trl-style`` (split ``descriptiveness``: ``prompt``), readable by ``datasets.load_dataset(<dir>, name)``;
-- with a clone of huggingface/trl: ``trl/`` and ``ours/``, each with TRL's ``tests/testing_utils.py`` and
-  ``tests/experimental/test_ppo_trainer.py`` at tag v0.29.1 (read from the clone at run time, never stored here), the
-  hub ids pointed at ``models/`` and ``datasets/``; ``ours`` also has ``trl.experimental.ppo`` replaced by
-  ``lit_vhead.experimental.ppo``. Run each with ``python -m pytest -q tests/experimental/test_ppo_trainer.py`` from
-  that dir. Its two ``PPOTrainer`` tests use ``PPOConfig``'s default ``bf16=True``, which ``TrainingArguments`` refuses
-  without a GPU; ``test_ppo_trainer_cpu.py`` is the same file with ``use_cpu=True`` added to their ``PPOConfig``.
-
-TRL's example (``examples/trl_experimental_ppo.py`` here, its import swapped) runs on the first two:
-``--model_name_or_path``/``--sft_model_path`` the Qwen2 causal stand-in, ``--reward_model_path`` the classifier,
-``--dataset_name`` the descriptiveness data set (see the README).
+- with a clone of huggingface/trl: ``trl/`` and ``ours/``, each with TRL's example ``examples/scripts/ppo/ppo.py`` (as
+  ``examples/ppo.py``), ``tests/testing_utils.py`` and ``tests/experimental/test_ppo_trainer.py`` at tag v0.29.1 (read
+  from the clone at run time, never stored here), the tests' hub ids pointed at ``models/`` and ``datasets/``;
+  ``ours`` has only ``trl.experimental.ppo`` replaced by ``lit_vhead.experimental.ppo``. Run the tests with
+  ``python -m pytest -q tests/experimental/test_ppo_trainer.py`` from that dir. Its two ``PPOTrainer`` tests use
+  ``PPOConfig``'s default ``bf16=True``, which ``TrainingArguments`` refuses without a GPU;
+  ``test_ppo_trainer_cpu.py`` is the same file with ``use_cpu=True`` added to their ``PPOConfig``. The example runs on
+  the stand-ins given as flags: ``--model_name_or_path``/``--sft_model_path`` the Qwen2 causal stand-in,
+  ``--reward_model_path`` the classifier, ``--dataset_name`` the descriptiveness data set (see the README).
 """
 
 from __future__ import annotations
@@ -150,18 +149,27 @@ def save_datasets(out: str, only_example: bool = False) -> None:
     })
 
 
-def write_tests(out: str, mirror: str) -> None:
-    """TRL's tests at v0.29.1, hub ids pointed at the stand-ins: ``trl/`` as they are, ``ours/`` on lit_vhead."""
+def write_trl_files(out: str, mirror: str) -> None:
+    """TRL's example and tests at v0.29.1 (tests' hub ids pointed at the stand-ins): ``trl/`` as they are, ``ours/``
+    with ``trl.experimental.ppo`` replaced by ``lit_vhead.experimental.ppo``."""
 
     def show(path: str) -> str:
         return subprocess.run(["git", f"--git-dir={mirror}", "show", f"v0.29.1:{path}"], check=True,
                               capture_output=True, text=True).stdout
 
+    def ours(text: str) -> str:
+        assert "from trl.experimental.ppo import" in text, "TRL's file no longer imports trl.experimental.ppo"
+        return text.replace("trl.experimental.ppo", "lit_vhead.experimental.ppo")
+
+    example = show("examples/scripts/ppo/ppo.py")
     source = show("tests/experimental/test_ppo_trainer.py")
     for kind in ("models", "datasets"):
         for name in os.listdir(os.path.join(out, kind, HUB)):
             source = source.replace(f'"{HUB}/{name}"', repr(os.path.join(out, kind, HUB, name)))
-    for side, text in (("trl", source), ("ours", source.replace("trl.experimental.ppo", "lit_vhead.experimental.ppo"))):
+    for side, code, text in (("trl", example, source), ("ours", ours(example), ours(source))):
+        os.makedirs(os.path.join(out, side, "examples"), exist_ok=True)
+        with open(os.path.join(out, side, "examples", "ppo.py"), "w") as f:
+            f.write(code)
         tests = os.path.join(out, side, "tests")
         os.makedirs(os.path.join(tests, "experimental"), exist_ok=True)
         for path in ("__init__.py", "experimental/__init__.py"):
@@ -180,7 +188,7 @@ def main(out: str, mirror: str | None = None) -> None:
     save_models(out)
     save_datasets(out)
     if mirror is not None:
-        write_tests(out, mirror)
+        write_trl_files(out, mirror)
     print(f"wrote {out}")
 
 
