@@ -1,5 +1,5 @@
 """Tiny local stand-ins for the hub models and data sets that TRL 0.29.1's experimental-PPO example and tests load,
-and TRL's tests made runnable against them (for the README's "TRL's experimental PPOTrainer" section).
+and TRL's example and tests made runnable against them (for the README's "TRL's experimental PPOTrainer" section).
 
     python tools/make_trl_ppov2_standins.py /tmp/trl-ppov2-standins [path/to/trl.git]
 
