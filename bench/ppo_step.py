@@ -21,9 +21,15 @@ Sides (``--sides``), each in its own process (so each has its own peak RSS), ``O
   (both), ``compile`` (``ppo.compile=True``), ``compile-plain`` (both), ``bf16-compile`` (both),
   ``in-backward`` (``ppo.optimizer_in_backward=True``: each parameter stepped, and its gradient dropped, during
   backward), ``shared`` (``ref=shared``,
-  k = n_layer/2), ``peft`` (LoRA r=8 on all linear layers, ``ref=peft``: the policy with adapters disabled).
+  k = n_layer/2), ``peft`` (LoRA r=8 on all linear layers, ``ref=peft``: the policy with adapters disabled),
+  ``critic`` (``critic="model"``: a separate value network, a copy of the policy's base + a one-output head, as TRL's
+  experimental ``PPOTrainer`` trains; compare it with ``ppov2``), ``critic-no-undo`` (the same with
+  ``ppo.undo_failed_update=False``: no copy of the weights and optimizer state before each PPO step's updates, which
+  TRL does not make either).
 - ``trainer``: ``lit_vhead.PPOTrainer.step`` (TRL's classic loop API, on Fabric), run by the very script of the
   ``trl`` side (``bench/_trl_classic_ppo.py --impl lit_vhead``: only the import differs).
+- ``ppov2``: TRL 0.29.1's experimental ``PPOTrainer`` (``trl.experimental.ppo``, a separate value model) on the same
+  workload, run by ``bench/_trl_ppov2.py`` under this repository's python (see its docstring for what it matches).
 - ``floor``: bare transformers doing only the work PPO cannot avoid: one KV-cached ``generate``, one no-grad policy
   forward (backbone, LM head and a separate ``nn.Linear`` value head on the response positions), the no-grad
   reference forward, then ppo_epochs x minibatches of forward + backward + ``Adam.step`` (PyTorch's default kernels).
@@ -51,6 +57,7 @@ compare ratios from one run, and repeat runs.
     OMP_NUM_THREADS=1 python bench/ppo_step.py --trl-python /tmp/trl-classic/bin/python --steps 10
     OMP_NUM_THREADS=1 python bench/ppo_step.py --sides ours,plain,bf16,compile --steps 10
     python bench/ppo_step.py --preset gpt2-small --trl-python /tmp/trl-classic/bin/python
+    OMP_NUM_THREADS=1 TRL_EXPERIMENTAL_SILENCE=1 python bench/ppo_step.py --sides critic,ppov2 --steps 10
     python3 bench/ppo_step.py --preset gpt2-small --accelerator gpu --sides floor,ours,gemm   # on a GPU
 
 The report starts with the machine (CPU model, whether bf16 has hardware support: AMX or AVX512-BF16) and the
@@ -101,8 +108,10 @@ OURS = {
     "in-backward": {"optimizer_in_backward": True},
     "shared": {"ref": "shared"},
     "peft": {"peft": True},
+    "critic": {"critic": "model"},
+    "critic-no-undo": {"critic": "model", "undo_failed_update": False},
 }
-SIDES = (*OURS, "trainer", "floor", "trl", "gemm")
+SIDES = (*OURS, "trainer", "floor", "trl", "ppov2", "gemm")
 
 
 # ----------------------------------------------------------------------------------------- shared by every side
@@ -329,6 +338,7 @@ def run_ours(args, side: str) -> dict:
             "cpu_kernels": variant.get("cpu_kernels", "auto"),
             "compile": variant.get("compile", False),
             "optimizer_in_backward": variant.get("optimizer_in_backward", False),
+            "undo_failed_update": variant.get("undo_failed_update", True),
             "generation": {
                 "max_new_tokens": args.response_len,
                 "min_new_tokens": args.response_len,
@@ -340,6 +350,7 @@ def run_ours(args, side: str) -> dict:
         },
         peft=peft,
         ref=ref,
+        critic=variant.get("critic"),
         sample_table_every=0,
     )
     trainer = L.Trainer(
@@ -545,6 +556,8 @@ def child_command(args, side: str) -> list[str]:
         return [args.trl_python, str(HERE / "_trl_classic_ppo.py"), *flags]
     if side == "trainer":
         return [sys.executable, str(HERE / "_trl_classic_ppo.py"), "--impl=lit_vhead", *flags]
+    if side == "ppov2":
+        return [sys.executable, str(HERE / "_trl_ppov2.py"), *flags]
     return [sys.executable, str(Path(__file__).resolve()), f"--side={side}", *flags]
 
 
@@ -634,6 +647,11 @@ def ratios_of(summary: dict, measured: dict) -> dict:
             ratios[f"trl/{side}"] = round(summary["trl"]["wall"]["median"] / wall, 3)
             ratios[f"trl/{side}_paired"] = round(1 / paired(side, "trl"), 3)
             ratios[f"{side}/trl_peak_rss"] = round(summary[side]["peak_rss_mib"] / summary["trl"]["peak_rss_mib"], 3)
+        if "ppov2" in summary:
+            ratios[f"ppov2/{side}"] = round(summary["ppov2"]["wall"]["median"] / wall, 3)
+            ratios[f"ppov2/{side}_paired"] = round(1 / paired(side, "ppov2"), 3)
+            ratios[f"{side}/ppov2_peak_rss"] = round(summary[side]["peak_rss_mib"] / summary["ppov2"]["peak_rss_mib"],
+                                                     3)
         if "floor" in summary:
             ratios[f"{side}/floor"] = round(wall / summary["floor"]["wall"]["median"], 3)
         if "gemm" in summary:

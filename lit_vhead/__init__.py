@@ -21,6 +21,8 @@ _EXPORTS = {
     "mask_values": "lit_vhead.sequence",
     "set_seed": "lit_vhead.core",
     "AtomicCheckpointIO": "lit_vhead.checkpoint_io",
+    "Critic": "lit_vhead.critic",
+    "CriticConfig": "lit_vhead.critic",
     "PPOModule": "lit_vhead.module",
     "PPOTrainer": "lit_vhead.ppo_trainer",
     "PromptDataModule": "lit_vhead.data",

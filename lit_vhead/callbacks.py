@@ -5,7 +5,7 @@
   ``configure_model``, where the module builds the reference right after the policy (so before any checkpoint is
   restored: a resumed run never copies the trained policy). Without the callback the module uses its own ``ref``
   argument (a frozen full copy by default).
-- ``SavePretrained`` saves the trained policy at the end of ``fit``.
+- ``SavePretrained`` saves the trained policy (and a separate critic) at the end of ``fit``.
 - ``LastCheckpoint`` keeps ``last.ckpt`` current after every PPO step (Lightning's ``save_last`` follows only the
   checkpoints its ``ModelCheckpoint`` writes anyway).
 - ``PPOProgress`` is a progress display for PPO steps: plain lines, no escape codes.
@@ -49,15 +49,22 @@ class ReferenceModelCallback(L.Callback):
 
 class SavePretrained(L.Callback):
     """At the end of ``fit``, while every rank still runs, save the policy (``save_pretrained``, value head included)
-    and its tokenizer to ``directory``: sharded (FSDP2) weights are gathered on every rank and written by rank 0."""
+    and its tokenizer to ``directory``: sharded (FSDP2) weights are gathered on every rank and written by rank 0.
+    A separate critic (``PPOModule.critic``) is saved with the tokenizer to ``critic_directory`` (None: not saved)."""
 
-    def __init__(self, directory: str) -> None:
+    def __init__(self, directory: str, critic_directory: str | None = None) -> None:
         self.directory = directory
+        self.critic_directory = critic_directory
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pl_module.policy.save_pretrained(self.directory, is_main_process=trainer.is_global_zero)
+        critic = getattr(pl_module, "critic", None) if self.critic_directory else None
+        if critic is not None and trainer.is_global_zero:
+            critic.save_pretrained(self.critic_directory)
         if trainer.is_global_zero:
             pl_module.tokenizer.save_pretrained(self.directory)
+            if critic is not None:
+                pl_module.tokenizer.save_pretrained(self.critic_directory)
 
 
 class LastCheckpoint(ModelCheckpoint):

@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lit_vhead.config import HeadConfig, PPOConfig, SamplingConfig
+from lit_vhead.critic import CriticConfig
 
 # PPOTrainer (TRL) settings the CLI does not read, and what to use instead.
 TRAINER_ONLY = {
@@ -85,6 +86,7 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="head_schema", node=HeadConfig)
+    cs.store(name="critic_schema", node=CriticConfig)
     cs.store(name="ppo_schema", node=PPOSettings)
 
 
@@ -127,7 +129,7 @@ def _known_keys(group: str, node: Any) -> set[str] | None:
     """The keys ``node`` (the config at ``group``) may hold; None when anything goes."""
     if not isinstance(node, DictConfig):
         return None
-    schemas = {"ppo": PPOSettings, "ppo.generation": SamplingConfig, "head": HeadConfig}
+    schemas = {"ppo": PPOSettings, "ppo.generation": SamplingConfig, "head": HeadConfig, "critic": CriticConfig}
     if group in schemas:
         return {f.name for f in dataclasses.fields(schemas[group])}
     if group in ("ref", "reward"):  # instantiated: its target's arguments
@@ -138,7 +140,7 @@ def _known_keys(group: str, node: Any) -> set[str] | None:
 def check_group_keys(cfg: DictConfig) -> None:
     """Raise ``ConfigKeyError`` for a key under ``ppo``, ``head``, ``ref`` or ``reward`` that is not a setting there
     (a ``+key=value`` override adds one without complaint from Hydra)."""
-    for group in ("ppo", "ppo.generation", "head", "ref", "reward"):
+    for group in ("ppo", "ppo.generation", "head", "critic", "ref", "reward"):
         node = _select(cfg, group)
         known = _known_keys(group, node)
         if known is None:
@@ -167,7 +169,7 @@ def check_command_line(args: list[str], config_dir: str, config_name: str = "tra
         overrides = OverridesParser.create().parse_overrides([a for a in args if not a.startswith("-")])
     except Exception:  # Hydra reports its own syntax errors
         return None
-    checked = ("ppo", "head", "ref", "reward")
+    checked = ("ppo", "head", "critic", "ref", "reward")
     keyed = [o for o in overrides if "." in o.key_or_group and o.key_or_group.split(".")[0] in checked]
     if not keyed:
         return None

@@ -70,6 +70,8 @@ class SamplingConfig:
     stop_at_eos: bool = True
 
 
+SCORE_TOKENS = ("last", "next")  # where the sequence score lands (PPOConfig.score_token)
+
 # Accepted for TRL compatibility, but nothing here reads them: setting one warns once per process.
 IGNORED_FIELDS = {
     "optimize_cuda_cache": "CUDA cache handling is PyTorch's and Lightning's",
@@ -95,7 +97,8 @@ class PPOConfig:
     """TRL classic's PPO settings, TRL 0.11.4's names and defaults (``steps`` counts PPO steps here).
 
     Fields beyond TRL's: ``kl_penalty="k3"``, ``missing_eos_penalty`` (TRL PPOv2's: subtracted from the score of a
-    response that never produced EOS), ``generation`` (``PPOModule``'s sampling settings), and settings that change
+    response that never produced EOS), ``score_token`` (``"next"``: TRL PPOv2's placement of the score, on the token
+    after the response), ``generation`` (``PPOModule``'s sampling settings), and settings that change
     how the passes run, never the algorithm (see ``lit_vhead.kernels`` and the README's "Speed and memory"):
     ``cpu_kernels`` (``"auto"``: fp32 CPU GEMMs through oneDNN where a one-time probe measures it clearly faster
     than PyTorch's at the model's shapes, see ``lit_vhead.kernels.AUTO_SPEEDUP``; ``true``/``false`` force it),
@@ -132,7 +135,7 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2
-    cliprange_value: float = 0.2
+    cliprange_value: float | None = 0.2  # None: value clipping off
     vf_coef: float = 0.1
     batch_size: int = 128
     forward_batch_size: int | None = None
@@ -159,6 +162,10 @@ class PPOConfig:
     global_batch_size: int | None = None
     dataset_num_proc: int | None = None
     missing_eos_penalty: float | None = None
+    # "last": the score on the last response token (TRL classic); "next": on the token after it, whose state also
+    # keeps its value and gets value loss (TRL 0.29.1's experimental PPOTrainer; the same as "last" for full-length
+    # responses). See lit_vhead.ppo.functional.extend_mask.
+    score_token: str = "last"
     generation: SamplingConfig = field(default_factory=SamplingConfig)
     # "auto" | true | false. Typed str, normalised by validate(): Hydra turns ppo.cpu_kernels=true into "True", and
     # HfArgumentParser (TRL's examples/scripts/ppo.py parses PPOConfig with it) cannot parse an Any-typed field.
@@ -226,6 +233,8 @@ class PPOConfig:
         if kernels != "auto" and not isinstance(kernels, bool):
             raise ValueError(f"ppo.cpu_kernels={self.cpu_kernels!r} must be auto, true or false.")
         self.cpu_kernels = kernels
+        if self.score_token not in SCORE_TOKENS:
+            raise ValueError(f"ppo.score_token={self.score_token!r} must be one of {list(SCORE_TOKENS)}.")
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("ppo.use_score_norm=true needs ppo.use_score_scaling=true (as in TRL).")
         if self.adap_kl_ctrl and (self.target <= 0 or self.horizon <= 0):

@@ -15,6 +15,7 @@ and ``python train.py`` builds it from the Hydra config through the same constru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -33,10 +34,21 @@ from lit_vhead.builders import (
     wrap_policy,
 )
 from lit_vhead.config import HeadConfig, PPOConfig, as_head_config, as_ppo_config
+from lit_vhead.critic import (
+    LORA_NEEDS_PEFT,
+    Critic,
+    as_critic_config,
+    build_critic,
+    check_critic_source,
+    check_critic_vocabulary,
+    frozen,
+    parameter_groups,
+    policy_parameters,
+)
 from lit_vhead.data import check_prompt_batch, step_seed
 from lit_vhead.distributed import gradients_are_local, shard_policy
 from lit_vhead.generation import HFGeneration, sampling_kwargs
-from lit_vhead.interfaces import GenerationBackend, trainable_parameters
+from lit_vhead.interfaces import GenerationBackend
 from lit_vhead.modeling import PreTrainedModelWrapper
 from lit_vhead.ppo.engine import Engine, PPOCore, default_optimizer, prepare_models
 from lit_vhead.reference import Reference, ReferenceConfig, as_reference_config, reference_fingerprint
@@ -65,7 +77,13 @@ class PPOModule(L.LightningModule):
         ref: the reference (``ReferenceConfig``, a dict of its fields, or its mode ``"copy"``/``"shared"``/``"peft"``);
             None gives a frozen copy, or the adapters-disabled base for a PEFT policy. A ``ReferenceModelCallback``
             overrides it.
-        optimizer: ``fn(params) -> Optimizer``; default TRL's Adam at ``ppo.learning_rate``.
+        critic: the value function PPO trains (:mod:`lit_vhead.critic`): None or ``"head"`` (the policy's value head,
+            TRL classic), ``"model"`` / ``"lora"``, a ``CriticConfig`` (or a dict of its fields: mode, init,
+            learning_rate, warmup_steps, lam), a built :class:`~lit_vhead.critic.Critic`, or a transformers value
+            model (``AutoModelFor{Token,Sequence}Classification`` with ``num_labels=1``, TRL's ``value_model``).
+        optimizer: ``fn(params) -> Optimizer``; default TRL's Adam at ``ppo.learning_rate``. ``params`` are parameter
+            groups (policy, then value function at ``critic.learning_rate``) unless the critic is the policy's
+            head at the policy's rate.
         scheduler: ``fn(optimizer) -> LRScheduler``, stepped once per PPO step.
         sample_table_every: log a table of prompts/responses/rewards every N PPO steps (0: never).
         generation: the :class:`~lit_vhead.interfaces.GenerationBackend` that samples the rollouts; default
@@ -82,6 +100,7 @@ class PPOModule(L.LightningModule):
         head: HeadConfig | Mapping | None = None,
         peft: Any = None,
         ref: ReferenceConfig | str | Mapping | None = None,
+        critic: Any = None,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         sample_table_every: int = 10,
@@ -130,7 +149,28 @@ class PPOModule(L.LightningModule):
             self.ref.validate(self.policy)  # e.g. ref="peft" without a PEFT policy, or a bad num_shared_layers
         self.__dict__["reference"] = None  # not a submodule: never in checkpoints, never wrapped by DDP
         self._reference_sum: float | None = None  # its fingerprint, checked on resume
-        self.core = PPOCore(self.ppo)
+        self.critic: Critic | None = None  # a separate value function (a submodule: in checkpoints); None: the head
+        if isinstance(critic, torch.nn.Module) and not isinstance(critic, Critic):
+            critic = Critic(critic)  # a transformers value model (TRL's value_model)
+        if isinstance(critic, Critic):
+            self.critic, self.critic_config = critic, critic.config
+        else:
+            self.critic_config = as_critic_config(critic)
+        self._check_critic()
+        self.core = PPOCore(self.ppo, critic_lam=self.critic_config.lam)
+
+    def _check_critic(self) -> None:
+        """A critic that cannot be built here fails now, before any model is built."""
+        mode = self.critic_config.mode
+        if mode == "head":
+            return
+        if self.is_encoder_decoder:
+            raise ValueError(f"critic={mode} needs a causal policy; seq2seq policies train with critic=head.")
+        is_peft = self.peft_config is not None or (self.policy is not None and self.policy.is_peft_model)
+        if mode == "lora" and self.critic is None and not is_peft:
+            raise ValueError(LORA_NEEDS_PEFT)
+        if self.critic is None:
+            check_critic_source(self.critic_config, self.reward)
 
     @property
     def _reward_adapter(self) -> str | None:
@@ -201,6 +241,9 @@ class PPOModule(L.LightningModule):
         if self.ppo.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         self.policy.train()
+        if self.critic is None:
+            self.critic = build_critic(self.critic_config, self.policy, self.reward)
+        check_critic_vocabulary(self.critic, self.tokenizer)
         ref = self.ref or ReferenceConfig.default_for(self.policy)
         self.__dict__["reference"] = ref.build(self.policy)
         self._reference_sum = reference_fingerprint(self.reference)
@@ -210,7 +253,7 @@ class PPOModule(L.LightningModule):
             shard_policy(self.policy, self.device_mesh["data_parallel"])
 
     def configure_optimizers(self):
-        params = trainable_parameters(self.policy)
+        params = parameter_groups(self.policy, self.critic, self.ppo.learning_rate, self.critic_config.learning_rate)
         optimizer = (self.optimizer_factory or default_optimizer(self.ppo.learning_rate))(params)
         if self.scheduler_factory is None:
             return optimizer
@@ -239,7 +282,6 @@ class PPOModule(L.LightningModule):
         generation_time = time.perf_counter() - start
         scores = self.score_rollout(rollout)
         scores = check_scores(scores, len(rollout.query_ids), f"{type(self).__name__}.score_rollout").to(self.device)
-        generator = torch.Generator().manual_seed(step_seed(self.ppo.seed, step, self.global_rank) + 1)
         engine = Engine(
             model=self.policy,
             policy=self.policy,
@@ -247,12 +289,16 @@ class PPOModule(L.LightningModule):
             optimizer=self.optimizers(),
             backward=self.manual_backward,
             clip_gradients=lambda max_norm: self.clip_gradients(self.optimizers(), max_norm, "norm"),
-            order=lambda n: torch.randperm(n, generator=generator),
+            order=self.sample_order(step),
             scheduler=self.lr_schedulers(),
             temperature=self.ppo.generation.temperature,
             local_gradients=gradients_are_local(self.trainer.strategy, self.trainer.precision_plugin),
+            critic=self.critic,
+            train_policy=step >= self.critic_config.warmup_steps,
         )
-        output = self.core.step(engine, rollout, scores, self.tokenizer.eos_token_id, step)
+        # Critic warm-up: the value function trains alone, the policy's weights are held fixed.
+        with contextlib.nullcontext() if engine.train_policy else frozen(policy_parameters(self.policy, self.critic)):
+            output = self.core.step(engine, rollout, scores, self.tokenizer.eos_token_id, step)
         self.generation.sync_weights(self.policy)
         metrics = output.stats
         metrics["time/ppo/generation"] = generation_time
@@ -262,6 +308,12 @@ class PPOModule(L.LightningModule):
         self.log("kl", metrics["objective/kl"], prog_bar=True, logger=False)
         if self.sample_table_every and step % self.sample_table_every == 0:
             self._log_samples(scores)
+
+    def sample_order(self, step: int) -> Callable[[int], torch.Tensor]:
+        """How PPO step ``step`` orders its samples into minibatches: a function drawing a permutation of ``range(n)``
+        once per PPO epoch (default: from a generator seeded by (seed, step, rank), so a resumed run draws the same)."""
+        generator = torch.Generator().manual_seed(step_seed(self.ppo.seed, step, self.global_rank) + 1)
+        return lambda n: torch.randperm(n, generator=generator)
 
     def generate_rollout(self, batch: dict[str, torch.Tensor]) -> Rollout:
         """Sample one response per prompt (``batch``: ``query_ids``/``query_mask``). Override for your own sampling."""

@@ -180,8 +180,9 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         )
     _check_reference(model_cfg, source.config, ref)
     _check_precision(cfg.trainer)
-    if cfg.get("save_pretrained_dir"):
-        check_writable_dir(cfg.save_pretrained_dir, "save_pretrained_dir")
+    for key in ("save_pretrained_dir", "save_critic_dir"):
+        if cfg.get(key):
+            check_writable_dir(cfg[key], key)
     check_reward_targets(cfg.reward)
     reward = _instantiate(cfg.reward)
     if isinstance(reward, RewardAdapter) and not cfg.peft:
@@ -196,6 +197,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
         reward=reward,
         ppo=ppo,
         head=cfg.head,
+        critic=cfg.critic,
         peft=_instantiate(cfg.peft) if cfg.peft else None,
         ref=ref,
         optimizer=_instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
@@ -215,7 +217,7 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     summary = RunSummary()
     callbacks = _instantiate_dict(cfg.get("callbacks")) + [summary, SaveRunConfig(plain(cfg), overrides)]
     if cfg.get("save_pretrained_dir"):
-        callbacks.append(SavePretrained(cfg.save_pretrained_dir))
+        callbacks.append(SavePretrained(cfg.save_pretrained_dir, cfg.get("save_critic_dir")))
     trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:  # written with the first PPO step's metrics (lit_vhead.loggers)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

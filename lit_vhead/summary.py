@@ -9,7 +9,7 @@ import lightning as L
 
 REWARD, KL = "env/reward_mean", "objective/kl"
 # Outputs a run may leave in its run dir, named in the summary when present.
-OUTPUTS = ("policy", "csv/metrics.csv", "curves.png", "checkpoints", "wandb", "tensorboard", "metrics.json")
+OUTPUTS = ("policy", "critic", "csv/metrics.csv", "curves.png", "checkpoints", "wandb", "tensorboard", "metrics.json")
 
 
 class RunSummary(L.Callback):

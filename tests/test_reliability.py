@@ -59,14 +59,25 @@ def metric_rows(run_dir):
     return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in read_csv(run_dir)]
 
 
+def same_optimizer_state(a: dict, b: dict) -> bool:
+    """Two optimizer state dicts hold the same groups and the same state tensors, bit for bit."""
+    if a["param_groups"] != b["param_groups"] or a["state"].keys() != b["state"].keys():
+        return False
+    return all(torch.equal(torch.as_tensor(a["state"][i][k]), torch.as_tensor(b["state"][i][k]))
+               for i in a["state"] for k in a["state"][i])
+
+
 @pytest.mark.slow
-def test_sigkill_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    result = run_cli(RESUME_ARGS + [f"hydra.run.dir={full}"], cwd=tmp_path)
+@pytest.mark.parametrize("critic", [[], ["critic=model", "critic.learning_rate=3e-4"]], ids=["head", "model"])
+def test_sigkill_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, critic):
+    """Weights (the critic's too), optimizer state and PPO state after a SIGKILL and a resume are bitwise those of
+    the uninterrupted run."""
+    full, killed, args = tmp_path / "full", tmp_path / "killed", RESUME_ARGS + critic
+    result = run_cli(args + [f"hydra.run.dir={full}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *RESUME_ARGS, f"hydra.run.dir={killed}"],
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, f"hydra.run.dir={killed}"],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics_file = killed / "csv" / "metrics.csv"
     deadline = time.time() + 240
@@ -79,12 +90,15 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     assert (killed / "checkpoints" / "last.ckpt").is_file()
     assert len(read_csv(killed)) < 8  # it really died mid-run
 
-    result = run_cli(RESUME_ARGS + [f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path)
+    result = run_cli(RESUME_ARGS + [f"hydra.run.dir={killed}", "ckpt_path=last"], cwd=tmp_path)  # the run's config
     assert result.returncode == 0, result.stderr[-3000:]
     assert metric_rows(killed) == metric_rows(full)  # every metric of every step, bit for bit (as CSV text)
     a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
     b = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert any(k.startswith("critic.") for k in a["state_dict"]) == bool(critic)
+    assert same_optimizer_state(a["optimizer_states"][0], b["optimizer_states"][0])
     assert a["ppo_state"] == b["ppo_state"]
 
 

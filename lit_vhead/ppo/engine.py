@@ -24,6 +24,7 @@ import torch
 
 from lit_vhead.config import PPOConfig
 from lit_vhead.core import stack_dicts
+from lit_vhead.interfaces import ValueFunction
 from lit_vhead.kernels import fast_kernels
 from lit_vhead.ppo.functional import world_size
 from lit_vhead.ppo.kl import make_kl_controller
@@ -40,8 +41,9 @@ def default_optimizer(learning_rate: float) -> Callable[[Any], torch.optim.Optim
     the parameters are sharded DTensors (FSDP2)."""
 
     def build(params: Any) -> torch.optim.Optimizer:
-        params = list(params)
-        sharded = any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in params)
+        params = list(params)  # parameters, or parameter groups (dicts with "params")
+        flat = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+        sharded = any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor" for p in flat)
         return torch.optim.Adam(params, lr=learning_rate, fused=not sharded)
 
     return build
@@ -69,6 +71,8 @@ class Engine:
     temperature: float = 1.0  # logits are divided by it in every pass (the rollout's sampling temperature)
     local_gradients: bool = False  # gradients are final when backward returns: one process, no GradScaler
     stages: PPOStages | None = None  # who answers the update's stages; None: the core's defaults
+    critic: ValueFunction | None = None  # a separate value function (lit_vhead.critic.Critic); None: the policy's head
+    train_policy: bool = True  # False: the value loss only (critic warm-up); the caller holds the policy fixed
     samples: tuple[Sequence, Sequence] | None = None  # the loop's own unpadded (queries, responses), for the stats
 
 
@@ -85,11 +89,12 @@ class StepOutput:
 class PPOCore:
     """PPO state that outlives a step (KL coefficient, running score moments) and the update itself."""
 
-    def __init__(self, config: PPOConfig) -> None:
+    def __init__(self, config: PPOConfig, critic_lam: float | None = None) -> None:
         self.config = config
         self.kl_ctl = make_kl_controller(config.adap_kl_ctrl, config.init_kl_coef, config.target, config.horizon)
         self.score_moments = RunningMoments()
         self.stages = PPOStages(config, self.kl_ctl)
+        self.stages.critic_lam = critic_lam  # the value targets' GAE lambda (None: config.lam)
         self._state_before = self.state_dict()  # the PPO state as the current step found it (see _undo)
 
     # ------------------------------------------------------------------ checkpointed state
@@ -105,7 +110,8 @@ class PPOCore:
              step_index: int = 0) -> StepOutput:
         """Update the policy on ``rollout`` scored ``raw_scores`` ([B]); returns the step's statistics."""
         ppo = self.config
-        with fast_kernels(engine.policy, engine.reference.model, enabled=ppo.cpu_kernels, backward=True):
+        with fast_kernels(engine.policy, engine.reference.model, engine.critic, enabled=ppo.cpu_kernels,
+                          backward=True):
             return self._step(engine, engine.stages or self.stages, rollout, raw_scores, eos_token_id, step_index)
 
     def _step(self, engine: Engine, stages: PPOStages, rollout: Rollout, raw_scores: torch.Tensor,
@@ -194,12 +200,16 @@ class PPOCore:
         ppo, size, reference = self.config, self.config.mini_batch_size, engine.reference
         full = kl_kind(ppo.kl_penalty) == "full"
         engine.policy.eval()  # dropout off in every PPO pass (as TRL classic's passes and PPOv2)
+        if engine.critic is not None:
+            engine.critic.eval()
         parts: list[tuple] = []
         timings["time/ppo/reference_forward"] = 0.0
         for begin in range(0, rollout.response_ids.shape[0], size):
             chunk = rollout.select(slice(begin, begin + size))
             with reference.capture(engine.policy):
                 logprobs, logits, values, mask = stages.rollout_forward(engine.policy, chunk, engine.temperature, full)
+            if engine.critic is not None:
+                values = stages.critic_values(engine.critic, chunk)
             tic = time.perf_counter()
             with reference.context():
                 ref_logprobs, ref_logits, _, _ = stages.rollout_forward(reference.model, chunk, engine.temperature,
@@ -250,7 +260,7 @@ class PPOCore:
             "scores": "the reward gave extreme values, or score scaling divided by a zero std",
             "policy log-probs": "the policy's forward pass gives NaN/inf: check its weights and dtype",
             "reference log-probs": "the reference model's forward pass gives NaN/inf: check its weights and dtype",
-            "values": "the policy's value head gives NaN/inf: check its weights and dtype",
+            "values": "the value function (the policy's value head or the critic) gives NaN/inf: check its weights",
         }.get(names[row], "extreme rewards or values overflow GAE (whitening spreads one rank's NaN to every rank)")
         self._undo(None, engine.optimizer)
         raise FloatingPointError(
@@ -306,13 +316,15 @@ class PPOCore:
                 index = order[begin : begin + ppo.mini_batch_size]
                 mini = rollout.select(index)
                 logprobs, logits, vpreds, _ = stages.rollout_forward(engine.model, mini, engine.temperature, True)
+                if engine.critic is not None:
+                    vpreds = stages.critic_values(engine.critic, mini)
                 width = mini.logprobs.shape[1]
                 logprobs, logits, vpreds = (_right_align(t, width) for t in (logprobs, logits, vpreds))
                 pg_loss, vf_loss, stats = stages.loss(
                     mini.logprobs, mini.values, logits, vpreds.float(), logprobs, mini.train_mask,
                     advantages[index], returns[index],
                 )
-                loss = pg_loss + vf_loss
+                loss = pg_loss + vf_loss if engine.train_policy else vf_loss
                 ratios.append((logprobs.detach() - mini.logprobs).exp()[mini.train_mask.bool()])
                 if not torch.isfinite(loss):
                     where = f"PPO step {step_index} (PPO epoch {epoch + 1} of {ppo.ppo_epochs}, minibatch {i + 1} of "

@@ -222,6 +222,15 @@ def compute_rewards(
     return kl_rewards(scores, kl_penalty(logprobs, ref_logprobs, kind, logprobs_full, ref_logprobs_full), mask, kl_coef)
 
 
+def extend_mask(mask: torch.Tensor) -> torch.Tensor:
+    """``mask`` (``[B, T]``, one run of ones per row) with each run extended by the one position after it, where
+    there is one: the state after the last response token (its EOS), which TRL 0.29.1's experimental trainer scores
+    and gives a value (its ``padding_mask_p1``). Same dtype as ``mask``."""
+    after = torch.zeros_like(mask)
+    after[:, 1:] = mask[:, :-1]
+    return torch.maximum(mask, after)
+
+
 def compute_advantages(
     values: torch.Tensor,
     rewards: torch.Tensor,
@@ -230,35 +239,48 @@ def compute_advantages(
     lam: float,
     whiten_rewards: bool = False,
     distributed: bool = False,
+    critic_lam: float | None = None,
+    advantage_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GAE over the response tokens, as TRL (without its whitened-padding leak).
 
-    ``values`` and ``rewards`` (``[B, T]``) are zeroed outside ``mask``; with ``whiten_rewards`` the rewards are
-    rescaled by :func:`masked_whiten` (``shift_mean=False``) and zeroed outside ``mask`` again (TRL 0.11.4 left the
-    whitened padding non-zero, and GAE carried it into the real tokens before it).
+    ``values`` and ``rewards`` (``[B, T]``) are zeroed outside ``advantage_mask`` (default ``mask``); with
+    ``whiten_rewards`` the rewards are rescaled by :func:`masked_whiten` (``shift_mean=False``) over
+    ``advantage_mask`` and zeroed outside it again (TRL 0.11.4 left the whitened padding non-zero, and GAE carried it
+    into the real tokens before it).
     Then ``δ_t = r_t + γ·V_{t+1} − V_t`` and ``A_t = δ_t + γλ·A_{t+1}`` from the end (``V_T = A_T = 0``),
     ``returns = A + V``, and the advantages are
-    whitened and detached. ``distributed`` makes both whitenings use every rank's batch.
-    Returns ``(masked_values, advantages, returns)``, each ``[B, T]``.
+    whitened over ``mask`` and detached. ``distributed`` makes both whitenings use every rank's batch.
+    ``critic_lam`` (None: ``lam``, TRL's math) decouples the value targets: ``returns = A(critic_lam) + V`` while the
+    policy's advantages keep ``lam`` (VC-PPO/VAPO's decoupled GAE).
+    ``advantage_mask=extend_mask(mask)`` is TRL 0.29.1's experimental trainer (the state after the response keeps
+    its value and reward). Returns ``(masked_values, advantages, returns)``, each ``[B, T]``.
     """
-    w = _as_weights(mask, values)
+    value_mask = mask if advantage_mask is None else advantage_mask
+    w = _as_weights(value_mask, values)
     values = values * w
     rewards = rewards * w
     if whiten_rewards:  # masked again: TRL let whitened padding rewards leak into real tokens' GAE
-        rewards = masked_whiten(rewards, mask, shift_mean=False, distributed=distributed) * w
-    gen_len = rewards.shape[-1]
+        rewards = masked_whiten(rewards, value_mask, shift_mean=False, distributed=distributed) * w
+    advantages = gae(values, rewards, gamma, lam)
+    returns = advantages + values if critic_lam is None or critic_lam == lam else gae(values, rewards, gamma,
+                                                                                       critic_lam) + values
+    advantages = masked_whiten(advantages, mask, distributed=distributed).detach()
+    return values, advantages, returns
+
+
+def gae(values: torch.Tensor, rewards: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimates ``[B, T]``: ``δ_t = r_t + γ·V_{t+1} − V_t``, ``A_t = δ_t + γλ·A_{t+1}`` from
+    the end (``V_T = A_T = 0``)."""
     last_gae = torch.zeros_like(rewards[:, 0])
     next_values = torch.zeros_like(values[:, 0])
     reversed_advantages = []
-    for t in reversed(range(gen_len)):
+    for t in reversed(range(rewards.shape[-1])):
         delta = rewards[:, t] + gamma * next_values - values[:, t]
         last_gae = delta + gamma * lam * last_gae
         reversed_advantages.append(last_gae)
         next_values = values[:, t]
-    advantages = torch.stack(reversed_advantages[::-1], dim=1)
-    returns = advantages + values
-    advantages = masked_whiten(advantages, mask, distributed=distributed).detach()
-    return values, advantages, returns
+    return torch.stack(reversed_advantages[::-1], dim=1)
 
 
 def ppo_loss(
@@ -270,37 +292,48 @@ def ppo_loss(
     advantages: torch.Tensor,
     returns: torch.Tensor,
     cliprange: float,
-    cliprange_value: float,
+    cliprange_value: float | None,
     vf_coef: float,
     entropy: torch.Tensor | None = None,
+    value_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO policy loss and clipped value loss on one minibatch, as TRL's ``PPOTrainer.loss``.
 
     Inputs are ``[B, T]``: rollout ``old_logprobs`` and ``values``, current ``logprobs`` and ``vpreds``, the
     whitened ``advantages`` and the ``returns`` from :func:`compute_advantages`; ``entropy`` is optional per-token
-    entropy, only logged. Returns ``(pg_loss, vf_coef · vf_loss, stats)``; their sum is the loss to backpropagate.
+    entropy, only logged; ``cliprange_value=None`` turns value clipping off (the plain squared error). Returns
+    ``(pg_loss, vf_coef · vf_loss, stats)``; their sum is the loss to backpropagate.
 
     ``stats`` holds detached 0-d tensors under TRL's names (without TRL's ``ppo/`` prefix and its histogram
     entries): ``loss/{policy,value,total}`` (``loss/value`` is unscaled), ``policy/{entropy,approxkl,policykl,
     clipfrac,advantages_mean}``, ``returns/{mean,var}``, ``val/{vpred,error,clipfrac,mean,var,var_explained}``,
     plus ``policy/ratio_mean``, the masked mean of ``π/π_old``. TRL's ``ratio_threshold`` guard is the caller's:
     when ``policy/ratio_mean > ratio_threshold``, multiply both losses (and the ``loss/*`` stats) by 0.
-    An all-zero ``mask`` raises ``ValueError``.
+    ``value_mask`` (default ``mask``) selects the tokens of the value loss and the ``val/*``/``returns/*`` statistics
+    (``extend_mask(mask)`` for TRL 0.29.1's experimental trainer). An all-zero ``mask`` raises ``ValueError``.
     """
     w = _as_weights(mask, vpreds)
     count = w.sum()
     _require_count(count, 1)
+    wv = w if value_mask is None else _as_weights(value_mask, vpreds)
+    value_count = wv.sum()
 
-    def mean(x: torch.Tensor) -> torch.Tensor:
-        return (x * w).sum() / count
+    def mean(x: torch.Tensor, weights: torch.Tensor = w, n: torch.Tensor = count) -> torch.Tensor:
+        return (x * weights).sum() / n
 
-    def var(x: torch.Tensor) -> torch.Tensor:
-        return mean((x - mean(x)).square()) * (count / (count - 1))
+    def vmean(x: torch.Tensor) -> torch.Tensor:
+        return mean(x, wv, value_count)
 
-    vpred_clipped = torch.max(torch.min(vpreds, values + cliprange_value), values - cliprange_value)
+    def vvar(x: torch.Tensor) -> torch.Tensor:
+        return vmean((x - vmean(x)).square()) * (value_count / (value_count - 1))
+
     vf_losses1 = (vpreds - returns).square()
-    vf_losses2 = (vpred_clipped - returns).square()
-    vf_loss = 0.5 * mean(torch.max(vf_losses1, vf_losses2))
+    if cliprange_value is None:  # value clipping off
+        vf_losses2 = vf_losses1
+    else:
+        vpred_clipped = torch.max(torch.min(vpreds, values + cliprange_value), values - cliprange_value)
+        vf_losses2 = (vpred_clipped - returns).square()
+    vf_loss = 0.5 * vmean(torch.max(vf_losses1, vf_losses2))
 
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
@@ -309,8 +342,8 @@ def ppo_loss(
     pg_loss = mean(torch.max(pg_losses, pg_losses2))
 
     with torch.no_grad():
-        returns_var = var(returns)
-        val_error = mean((vpreds - returns).square())
+        returns_var = vvar(returns)
+        val_error = vmean((vpreds - returns).square())
         stats = {
             "loss/policy": pg_loss,
             "loss/value": vf_loss,
@@ -320,13 +353,13 @@ def ppo_loss(
             "policy/clipfrac": mean((pg_losses2 > pg_losses).to(w.dtype)),
             "policy/advantages_mean": mean(advantages),
             "policy/ratio_mean": mean(ratio),
-            "returns/mean": mean(returns),
+            "returns/mean": vmean(returns),
             "returns/var": returns_var,
-            "val/vpred": mean(vpreds),
+            "val/vpred": vmean(vpreds),
             "val/error": val_error,
-            "val/clipfrac": mean((vf_losses2 > vf_losses1).to(w.dtype)),
-            "val/mean": mean(values),
-            "val/var": var(values),
+            "val/clipfrac": vmean((vf_losses2 > vf_losses1).to(w.dtype)),
+            "val/mean": vmean(values),
+            "val/var": vvar(values),
             "val/var_explained": 1 - val_error / returns_var,
         }
         if entropy is not None:

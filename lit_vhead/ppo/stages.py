@@ -16,10 +16,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lit_vhead.critic import response_values
 from lit_vhead.kernels import compiled
 from lit_vhead.ppo.functional import (
     compute_advantages,
     entropy_from_logits,
+    extend_mask,
     kl_penalty,
     kl_rewards,
     masked_mean,
@@ -51,7 +53,10 @@ def _is_scalar(value: Any) -> bool:
 
 
 class PPOStages:
-    """The overridable stages; they read ``self.config`` (a ``PPOConfig``) and ``self.kl_ctl`` (the KL controller)."""
+    """The overridable stages; they read ``self.config`` (a ``PPOConfig``), ``self.kl_ctl`` (the KL controller) and
+    ``self.critic_lam`` (the value targets' GAE lambda; None: ``config.lam``)."""
+
+    critic_lam: float | None = None
 
     def __init__(self, config: Any, kl_ctl: KLController) -> None:
         self.config = config
@@ -67,6 +72,10 @@ class PPOStages:
         mask = rollout.train_mask if rollout.train_mask is not None else rollout.response_mask
         return out.logprobs, out.logits if return_logits else None, out.values, mask
 
+    def critic_values(self, critic: Any, rollout: Rollout) -> torch.Tensor:
+        """Values ``[B, T]`` of a separate critic over the rollout's responses (the window of ``rollout_forward``)."""
+        return training_compiled(response_values, self.config)(critic, rollout)
+
     # ------------------------------------------------------------------ rewards and advantages
     def _kl_penalty(self, logprob: torch.Tensor, ref_logprob: torch.Tensor) -> torch.Tensor:
         """Per-token KL of the configured estimator (``kl_penalty="full"``: ``[B, T, V]`` log-prob inputs)."""
@@ -75,16 +84,28 @@ class PPOStages:
             return kl_penalty(None, None, kind, logprob, ref_logprob)
         return kl_penalty(logprob, ref_logprob, kind)
 
+    def value_mask(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """The tokens whose state has a value, reward and value loss: with ``score_token="next"`` the response and
+        the position after it (:func:`extend_mask`); None (the response, ``mask``) with ``"last"``."""
+        return extend_mask(mask) if self.config.score_token == "next" else None
+
     def compute_rewards(self, scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                         masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(rewards, non_score_rewards, kls)``: ``-kl_coef * _kl_penalty`` per token, the score on the last one."""
-        return kl_rewards(scores, self._kl_penalty(logprobs, ref_logprobs), masks, self.kl_ctl.value)
+        """``(rewards, non_score_rewards, kls)``: ``-kl_coef * _kl_penalty`` per token, the score on the last one
+        (``score_token="next"``: on the position after the response, the KL kept to the response's tokens)."""
+        kls = self._kl_penalty(logprobs, ref_logprobs)
+        value_mask = self.value_mask(masks)
+        if value_mask is None:
+            return kl_rewards(scores, kls, masks, self.kl_ctl.value)
+        return kl_rewards(scores, kls * masks, value_mask, self.kl_ctl.value)
 
     def compute_advantages(self, values: torch.Tensor, rewards: torch.Tensor,
                            mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(masked values, whitened advantages, returns)`` by GAE (whitened over every process's batch)."""
+        """``(masked values, whitened advantages, returns)`` by GAE (whitened over every process's batch); the returns
+        use ``critic_lam`` when set."""
         c = self.config
-        return compute_advantages(values, rewards, mask, c.gamma, c.lam, c.whiten_rewards, distributed=True)
+        return compute_advantages(values, rewards, mask, c.gamma, c.lam, c.whiten_rewards, distributed=True,
+                                  critic_lam=self.critic_lam, advantage_mask=self.value_mask(mask))
 
     # ------------------------------------------------------------------ the minibatch loss
     def loss(self, old_logprobs: torch.Tensor, values: torch.Tensor, logits: torch.Tensor, vpreds: torch.Tensor,
@@ -96,7 +117,8 @@ class PPOStages:
         with torch.no_grad():
             entropy = entropy_from_logits(logits)
         pg_loss, vf_loss, stats = ppo_loss(old_logprobs, values, logprobs, vpreds, mask, advantages, returns,
-                                           c.cliprange, c.cliprange_value, c.vf_coef, entropy)
+                                           c.cliprange, c.cliprange_value, c.vf_coef, entropy,
+                                           value_mask=self.value_mask(mask))
         if stats["policy/ratio_mean"] > c.ratio_threshold:
             warnings.warn(
                 f"The average ratio of batch ({stats['policy/ratio_mean']:.2f}) exceeds threshold "
