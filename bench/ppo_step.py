@@ -25,7 +25,8 @@ Sides (``--sides``), each in its own process (so each has its own peak RSS), ``O
   ``critic`` (``critic="model"``: a separate value network, a copy of the policy's base + a one-output head, as TRL's
   experimental ``PPOTrainer`` trains; compare it with ``ppov2``), ``critic-no-undo`` (the same with
   ``ppo.undo_failed_update=False``: no copy of the weights and optimizer state before each PPO step's updates, which
-  TRL does not make either).
+  TRL does not make either), ``critic-lora`` (``peft`` with ``critic="lora"``: LoRA adapters + a head on the policy's
+  frozen base; compare it with ``peft`` and ``critic``).
 - ``trainer``: ``lit_vhead.PPOTrainer.step`` (TRL's classic loop API, on Fabric), run by the very script of the
   ``trl`` side (``bench/_trl_classic_ppo.py --impl lit_vhead``: only the import differs).
 - ``ppov2``: TRL 0.29.1's experimental ``PPOTrainer`` (``trl.experimental.ppo``, a separate value model) on the same
@@ -110,6 +111,7 @@ OURS = {
     "peft": {"peft": True},
     "critic": {"critic": "model"},
     "critic-no-undo": {"critic": "model", "undo_failed_update": False},
+    "critic-lora": {"peft": True, "critic": "lora"},
 }
 SIDES = (*OURS, "trainer", "floor", "trl", "ppov2", "gemm")
 

@@ -113,6 +113,11 @@ class Critic(nn.Module):
             )
         self.model = model
         self.config = config or CriticConfig(mode="lora" if shares_policy_base else "model")
+        if self.config.mode == "head":
+            raise ValueError(
+                "A Critic is a value function separate from the policy: its CriticConfig.mode is model or lora, not "
+                "head (for the policy's own value head pass critic=None or critic='head' instead of a Critic)."
+            )
         self.shares_policy_base = shares_policy_base
 
     # ------------------------------------------------------------------ building

@@ -155,6 +155,9 @@ def test_bad_critic_settings_fail_clearly():
         config = tiny_hf_model("gpt2").config
         config.num_labels = 3
         Critic(AutoModelForTokenClassification.from_config(config))
+    with pytest.raises(ValueError, match="its CriticConfig.mode is model or lora, not head"):
+        Critic(AutoModelForTokenClassification.from_config(_one_label_config(tiny_hf_model("gpt2").config)),
+               CriticConfig(mode="head"))
     assert as_critic_config("model") == CriticConfig(mode="model")
     assert as_critic_config({"mode": "lora", "lam": 0.9}) == CriticConfig(mode="lora", lam=0.9)
 
