@@ -223,12 +223,14 @@ class Critic(nn.Module):
         A ``lora`` critic is saved with its adapters merged into a copy of the base (a full model). Atomic, as the
         policy's save (:func:`lit_vhead.atomic.atomic_directory`)."""
         from lit_vhead.atomic import atomic_directory
+        from lit_vhead.progress import PROGRESS_BAR_MIN_BYTES, progress_bars
 
         model = self.model
         if self.shares_policy_base:
             model = copy.deepcopy(model)
             setattr(model, model.base_model_prefix, _backbone(model).merge_and_unload())
-        with atomic_directory(directory) as tmp:  # a failed or killed save leaves the directory as it was
+        big = sum(p.numel() * p.element_size() for p in model.parameters()) > PROGRESS_BAR_MIN_BYTES
+        with atomic_directory(directory) as tmp, progress_bars(big):  # a failed or killed save changes nothing
             model.save_pretrained(tmp, **kwargs)
 
 

@@ -243,6 +243,8 @@ class PPOModule(L.LightningModule):
         self.policy.train()
         if self.critic is None:
             self.critic = build_critic(self.critic_config, self.policy, self.reward)
+        if self.critic is not None:  # the policy's own head idles beside a separate critic: DDP must not wait for it
+            self.policy.v_head.requires_grad_(False)
         check_critic_vocabulary(self.critic, self.tokenizer)
         ref = self.ref or ReferenceConfig.default_for(self.policy)
         self.__dict__["reference"] = ref.build(self.policy)

@@ -20,7 +20,9 @@ class RankReport(L.Callback):
 
     def on_train_end(self, trainer, pl_module):
         params = sum(float(p.double().sum()) for p in pl_module.policy.parameters())
+        critic = [] if pl_module.critic is None else list(pl_module.critic.parameters())
         report = {"rank": trainer.global_rank, "world": trainer.world_size, "param_sum": params,
+                  "critic_sum": sum(float(p.double().sum()) for p in critic),
                   "batches": self.responses, "kl_coef": pl_module.kl_ctl.value,
                   "reference_wrapped": any(n.startswith("reference") for n, _ in trainer.model.named_modules())}
         with open(os.path.join(self.output_dir, f"rank{trainer.global_rank}.json"), "w") as f:

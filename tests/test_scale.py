@@ -16,10 +16,13 @@ class Capture(L.Callback):
 
 
 @pytest.mark.slow
-def test_ddp_on_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("critic", ["head", "model"])
+def test_ddp_on_two_cpu_processes(tmp_path, critic):
     """Real DDP (gloo): ranks stay in sync, sample their own prompts, only rank 0 logs and saves (with the oneDNN
-    GEMM routing on: it lives in a dispatch mode, not in DDP's wrapped module)."""
-    args = ["trainer=ddp", "trainer.devices=2", "ppo.steps=3", "ppo.cpu_kernels=true", "ppo.batch_size=8",
+    GEMM routing on: it lives in a dispatch mode, not in DDP's wrapped module). A separate critic trains beside the
+    policy, whose own value head idles (DDP must not wait for its gradients)."""
+    args = [f"critic={critic}", "trainer=ddp", "trainer.devices=2", "ppo.steps=3", "ppo.cpu_kernels=true",
+            "ppo.batch_size=8",
             "ppo.mini_batch_size=4", "logger=csv", "+callbacks.report._target_=helpers_callbacks.RankReport",
             f"+callbacks.report.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
     result = run_cli(args, cwd=tmp_path, env_extra={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)})
@@ -27,11 +30,13 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
     assert ranks[0]["param_sum"] == pytest.approx(ranks[1]["param_sum"], rel=1e-6)  # gradients were all-reduced
+    assert ranks[0]["critic_sum"] == pytest.approx(ranks[1]["critic_sum"], rel=1e-6)  # the critic's too
     assert ranks[0]["kl_coef"] == ranks[1]["kl_coef"]  # the KL controller saw the global KL
     assert all(a != b for a, b in zip(ranks[0]["batches"], ranks[1]["batches"]))  # distinct prompts per rank
     assert not ranks[0]["reference_wrapped"]  # the frozen reference is not inside the DDP-wrapped module
     assert len(read_csv(tmp_path)) == 3  # one row per PPO step: rank 0 logs, metrics already reduced
     assert (tmp_path / "policy" / "model.safetensors").is_file()
+    assert (tmp_path / "critic").is_dir() == (critic == "model")
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
