@@ -218,7 +218,11 @@ def _train(cfg: DictConfig, output_dir: Path) -> dict[str, float]:
     callbacks = _instantiate_dict(cfg.get("callbacks")) + [summary, SaveRunConfig(plain(cfg), overrides)]
     if cfg.get("save_pretrained_dir"):
         callbacks.append(SavePretrained(cfg.save_pretrained_dir, cfg.get("save_critic_dir")))
-    trainer: L.Trainer = _instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer_cfg = cfg.trainer
+    if cfg.critic.get("warmup_steps") and trainer_cfg.get("strategy") == "ddp":
+        # a warm-up step trains the value function only: DDP must let the held policy's parameters go unused
+        trainer_cfg = OmegaConf.merge(trainer_cfg, {"strategy": "ddp_find_unused_parameters_true"})
+    trainer: L.Trainer = _instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:  # written with the first PPO step's metrics (lit_vhead.loggers)
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     if resume_step is not None and trainer.is_global_zero:
