@@ -24,7 +24,8 @@ def test_ddp_on_two_cpu_processes(tmp_path, critic):
     policy's parameters unused."""
     warmup = ["critic.warmup_steps=1"] if critic == "model" else []
     args = [f"critic={critic}", *warmup, "trainer=ddp", "trainer.devices=2", "ppo.steps=3", "ppo.cpu_kernels=true",
-            "ppo.batch_size=8", "ppo.mini_batch_size=4", "logger=csv", "+callbacks.report._target_=helpers_callbacks.RankReport",
+            "ppo.batch_size=8", "ppo.mini_batch_size=4", "logger=csv",
+            "+callbacks.report._target_=helpers_callbacks.RankReport",
             f"+callbacks.report.output_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
     result = run_cli(args, cwd=tmp_path, env_extra={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
