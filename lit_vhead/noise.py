@@ -9,7 +9,8 @@ users opt in, for the rest of the process or for a block::
 
 What it hides: Lightning's and peft's own uses of deprecated torch/transformers APIs (``FutureWarning``s about
 ``LeafSpec`` and ``is_gradient_checkpointing``), Lightning's warning that ``max_epochs`` is unset (``PPOModule``
-sets it to ``ppo.steps``), and Lightning's advertisements for its cloud services ("💡 Tip: ...").
+sets it to ``ppo.steps``), Lightning's advertisements for its cloud services ("💡 Tip: ...") and its
+"GPU available: False, used: False" inventory lines.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ WARNINGS = (
 TIPS_LOGGER = "lightning.pytorch.utilities.rank_zero"
 
 
+LIGHTNING_LINES = ("💡 Tip", "GPU available:", "TPU available:", "HPU available:")
+
+
 class _DropLightningTips(logging.Filter):
-    """Lightning's advertisements for its cloud services ("💡 Tip: ...")."""
+    """Lightning's advertisements for its cloud services ("💡 Tip: ...") and its accelerator inventory lines."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "💡 Tip" not in str(record.msg)
+        return not str(record.msg).startswith(LIGHTNING_LINES) and "💡 Tip" not in str(record.msg)
 
 
 class quiet:  # noqa: N801 (used like a function: ``lit_vhead.quiet()``)

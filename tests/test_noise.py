@@ -14,9 +14,10 @@ def test_quiet_as_a_block_hides_the_noise_inside_and_restores_everything_after(c
             warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, stacklevel=1)
             warnings.warn("a warning of yours", UserWarning, stacklevel=1)
         logging.getLogger(TIPS_LOGGER).warning("💡 Tip: try our cloud")
-        logging.getLogger(TIPS_LOGGER).warning("GPU available: False")
+        logging.getLogger(TIPS_LOGGER).warning("GPU available: False, used: False")
+        logging.getLogger(TIPS_LOGGER).warning("Restoring states from the checkpoint path at last.ckpt")
     assert [str(w.message) for w in caught] == ["a warning of yours"]
-    assert [r.getMessage() for r in caplog.records] == ["GPU available: False"]
+    assert [r.getMessage() for r in caplog.records] == ["Restoring states from the checkpoint path at last.ckpt"]
     assert warnings.filters == filters and logging.getLogger(TIPS_LOGGER).filters == log_filters
 
 
