@@ -133,7 +133,8 @@ class Critic(nn.Module):
             AutoModelForTokenClassification)
         if "Classification" in architectures and hf_config.num_labels != 1:
             return cls.from_reward_model(path, config=config, **hf_kwargs)
-        return cls(auto.from_pretrained(path, num_labels=1, **hf_kwargs), config)
+        with _quiet_load(path):
+            return cls(auto.from_pretrained(path, num_labels=1, **hf_kwargs), config)
 
     @classmethod
     def from_reward_model(cls, path: str | os.PathLike, label_index: int = 0, config: CriticConfig | None = None,
@@ -142,7 +143,8 @@ class Critic(nn.Module):
         ``label_index`` (the logit the reward reads) as the value head, so values start as the reward's scores."""
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(path, **hf_kwargs)
+        with _quiet_load(path):
+            model = AutoModelForSequenceClassification.from_pretrained(path, **hf_kwargs)
         return cls(_one_label(model, label_index), config)
 
     @classmethod
@@ -232,6 +234,13 @@ class Critic(nn.Module):
         big = sum(p.numel() * p.element_size() for p in model.parameters()) > PROGRESS_BAR_MIN_BYTES
         with atomic_directory(directory) as tmp, progress_bars(big):  # a failed or killed save changes nothing
             model.save_pretrained(tmp, **kwargs)
+
+
+def _quiet_load(path: str | os.PathLike):
+    """transformers' progress bar for a load from ``path``, shown for big models only (as the policy's loads)."""
+    from lit_vhead.progress import PROGRESS_BAR_MIN_BYTES, progress_bars, weights_bytes
+
+    return progress_bars(weights_bytes(str(path)) > PROGRESS_BAR_MIN_BYTES)
 
 
 def response_values(critic: Any, rollout: Any) -> torch.Tensor:

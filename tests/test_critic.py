@@ -9,6 +9,7 @@ import textwrap
 import lightning as L
 import pytest
 import torch
+import transformers
 from conftest import FAST, ROOT, compose, tiny_hf_model
 from peft import LoraConfig
 from transformers import AutoModelForTokenClassification
@@ -75,7 +76,7 @@ def test_value_clipping_off_is_the_plain_squared_error():
 
 # ---------------------------------------------------------------------- the Critic
 @pytest.mark.parametrize("build", ["policy", "lora"])
-def test_critic_saves_and_reloads_offline_in_a_fresh_process_with_the_same_values(tmp_path, build):
+def test_critic_saves_and_reloads_offline_in_a_fresh_process_with_the_same_values(tmp_path, build, capfd):
     torch.manual_seed(0)
     critic = (Critic.from_policy(wrap_policy(tiny_hf_model("gpt2"))) if build == "policy"
               else Critic.lora_on(lora_policy()))
@@ -104,6 +105,10 @@ def test_critic_saves_and_reloads_offline_in_a_fresh_process_with_the_same_value
     reloaded, plain = torch.load(tmp_path / "out.pt", weights_only=True)
     assert torch.allclose(reloaded, expected, atol=1e-6)
     assert torch.allclose(plain, expected, atol=1e-6)  # a plain AutoModelForTokenClassification reads it too
+    transformers.utils.logging.enable_progress_bar()
+    capfd.readouterr()
+    Critic.from_pretrained(tmp_path / "critic")
+    assert "Loading weights" not in capfd.readouterr().err  # a small critic loads without transformers' bar
 
 
 def test_lora_critic_shares_the_policys_frozen_base_and_trains_only_adapters_and_head():
