@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lit_vhead.progress import progress_bars_for_load
 from lit_vhead.sequence import position_ids_from_mask
 
 CRITIC_MODES = ("head", "model", "lora")
@@ -133,7 +134,7 @@ class Critic(nn.Module):
             AutoModelForTokenClassification)
         if "Classification" in architectures and hf_config.num_labels != 1:
             return cls.from_reward_model(path, config=config, **hf_kwargs)
-        with _quiet_load(path):
+        with progress_bars_for_load(path):
             return cls(auto.from_pretrained(path, num_labels=1, **hf_kwargs), config)
 
     @classmethod
@@ -143,7 +144,7 @@ class Critic(nn.Module):
         ``label_index`` (the logit the reward reads) as the value head, so values start as the reward's scores."""
         from transformers import AutoModelForSequenceClassification
 
-        with _quiet_load(path):
+        with progress_bars_for_load(path):
             model = AutoModelForSequenceClassification.from_pretrained(path, **hf_kwargs)
         return cls(_one_label(model, label_index), config)
 
@@ -225,22 +226,14 @@ class Critic(nn.Module):
         A ``lora`` critic is saved with its adapters merged into a copy of the base (a full model). Atomic, as the
         policy's save (:func:`lit_vhead.atomic.atomic_directory`)."""
         from lit_vhead.atomic import atomic_directory
-        from lit_vhead.progress import PROGRESS_BAR_MIN_BYTES, progress_bars
+        from lit_vhead.progress import progress_bars_for_save
 
         model = self.model
         if self.shares_policy_base:
             model = copy.deepcopy(model)
             setattr(model, model.base_model_prefix, _backbone(model).merge_and_unload())
-        big = sum(p.numel() * p.element_size() for p in model.parameters()) > PROGRESS_BAR_MIN_BYTES
-        with atomic_directory(directory) as tmp, progress_bars(big):  # a failed or killed save changes nothing
+        with atomic_directory(directory) as tmp, progress_bars_for_save(model):  # a failed save changes nothing
             model.save_pretrained(tmp, **kwargs)
-
-
-def _quiet_load(path: str | os.PathLike):
-    """transformers' progress bar for a load from ``path``, shown for big models only (as the policy's loads)."""
-    from lit_vhead.progress import PROGRESS_BAR_MIN_BYTES, progress_bars, weights_bytes
-
-    return progress_bars(weights_bytes(str(path)) > PROGRESS_BAR_MIN_BYTES)
 
 
 def response_values(critic: Any, rollout: Any) -> torch.Tensor:

@@ -28,7 +28,7 @@ from lit_vhead.checkpoint import (
     load_value_head_state,
     read_tensors,
 )
-from lit_vhead.progress import PROGRESS_BAR_MIN_BYTES, progress_bars, weights_bytes
+from lit_vhead.progress import progress_bars_for_load
 from lit_vhead.value_head import check_init_strategy
 
 logger = logging.getLogger("lit_vhead.modeling")  # the value-head models' log, whichever module writes it
@@ -122,7 +122,7 @@ def load_pretrained(cls: type, pretrained_model_name_or_path: Any, *model_args: 
             base = load_peft_base(cls, path, hub_kwargs, *model_args, **hf_kwargs)
             base = peft_module().PeftModel.from_pretrained(base, path, is_trainable=is_trainable, **hub_kwargs)
         else:
-            with _v_head_keys_expected(), progress_bars(weights_bytes(path) > PROGRESS_BAR_MIN_BYTES):
+            with _v_head_keys_expected(), progress_bars_for_load(path):
                 base = cls.transformers_parent_class.from_pretrained(path, *model_args, **hf_kwargs)
             base = maybe_add_peft(base, peft_config, kbit_kwargs)
         if v_head_state is None:  # the usual start from a plain LM: said at info level (TRL said nothing)
@@ -186,7 +186,7 @@ def load_peft_base(cls: type, path: str, hub_kwargs: dict, *model_args: Any, **h
             download = {k: v for k, v in hub_kwargs.items() if k != "subfolder"}
             snapshot = snapshot_download(path, allow_patterns=[f"{BASE_MODEL_DIR}/*"], **download)
             base_dir = os.path.join(snapshot, BASE_MODEL_DIR)
-        with progress_bars(weights_bytes(base_dir) > PROGRESS_BAR_MIN_BYTES):
+        with progress_bars_for_load(base_dir):
             return cls.transformers_parent_class.from_pretrained(base_dir, *model_args, **hf_kwargs)
     base_path = peft_module().PeftConfig.from_pretrained(path, **hub_kwargs).base_model_name_or_path
     if not base_path:

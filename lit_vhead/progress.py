@@ -6,6 +6,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 # transformers' per-tensor progress bars ("Loading weights", "Writing model shards") are shown for big models only.
 PROGRESS_BAR_MIN_BYTES = 2**30
@@ -31,3 +32,13 @@ def progress_bars(enabled: bool) -> Iterator[None]:
     finally:
         if was_enabled and not enabled:
             hf_logging.enable_progress_bar()
+
+
+def progress_bars_for_load(path: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
+    """transformers' progress bars for a load from ``path``: shown for big models (or a download) only."""
+    return progress_bars(weights_bytes(str(path)) > PROGRESS_BAR_MIN_BYTES)
+
+
+def progress_bars_for_save(model: Any) -> contextlib.AbstractContextManager[None]:
+    """transformers' progress bars for a save of ``model``'s parameters: shown for big models only."""
+    return progress_bars(sum(p.numel() * p.element_size() for p in model.parameters()) > PROGRESS_BAR_MIN_BYTES)

@@ -22,7 +22,7 @@ from lit_vhead.checkpoint import (
     is_findable_offline,
 )
 from lit_vhead.loading import base_name, peft_module, same_source
-from lit_vhead.progress import PROGRESS_BAR_MIN_BYTES, progress_bars
+from lit_vhead.progress import progress_bars_for_save
 
 
 def full_tensors(state_dict: dict) -> dict:
@@ -37,9 +37,8 @@ def save_pretrained(model: Any, save_directory: str | os.PathLike, *args: Any, *
     if not kwargs.pop("is_main_process", True):  # FSDP/DDP: every rank gathers, one writes
         return
     safe = kwargs.get("safe_serialization", True)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.hf_model.parameters())
     check_not_into_own_base(model, save_directory)
-    with atomic_directory(save_directory) as tmp, progress_bars(model_bytes > PROGRESS_BAR_MIN_BYTES):
+    with atomic_directory(save_directory) as tmp, progress_bars_for_save(model.hf_model):
         if model.is_peft_model:
             card = Path(save_directory, "README.md")
             if card.is_file():  # peft updates the model card it finds, as when it saves in place
