@@ -108,8 +108,9 @@ class PPOConfig:
     ``gradient_accumulation_steps=1``, a per-parameter ``torch.optim`` optimizer; elsewhere the usual step runs).
     ``undo_failed_update`` (on): a PPO step whose loss turns NaN/inf after some of its optimizer steps is undone
     (the trainable weights and the optimizer state are copied before its first optimizer step: e.g. 3x the weights
-    in fp32 for a full fine-tune with Adam, little for LoRA); off skips that copy, and the error then says how many
-    optimizer steps the model and optimizer kept.
+    in fp32 for a full fine-tune with Adam, little for LoRA), into an unlinked temporary file in ``undo_dir``
+    (None: the system's temp directory), so the copy sits in the OS page cache, not in the process's memory; off
+    skips that copy, and the error then says how many optimizer steps the model and optimizer kept.
     """
 
     exp_name: str = os.path.basename(sys.argv[0])[: -len(".py")]
@@ -173,6 +174,7 @@ class PPOConfig:
     compile: bool = False
     optimizer_in_backward: bool = False
     undo_failed_update: bool = True
+    undo_dir: str | None = None
 
     __signature__ = _InitSignature()
 
@@ -237,6 +239,11 @@ class PPOConfig:
             raise ValueError(f"ppo.score_token={self.score_token!r} must be one of {list(SCORE_TOKENS)}.")
         if self.use_score_norm and not self.use_score_scaling:
             raise ValueError("ppo.use_score_norm=true needs ppo.use_score_scaling=true (as in TRL).")
+        if self.undo_dir is not None and not os.path.isdir(self.undo_dir):
+            raise ValueError(
+                f"ppo.undo_dir={self.undo_dir!r} is not a directory: give an existing directory for the undo copy's "
+                "temporary file, or null for the system's temp directory."
+            )
         if self.adap_kl_ctrl and (self.target <= 0 or self.horizon <= 0):
             raise ValueError(f"adap_kl_ctrl needs target > 0 and horizon > 0, got {self.target} and {self.horizon}.")
 

@@ -1,12 +1,16 @@
 """``PPOCore.step``'s branches, each checked by its effect on a tiny GPT-2 with a real optimizer: scores clipped and
 normalised, early stopping, the ratio threshold, gradient accumulation and gradient clipping."""
 
+import os
+import shutil
+
 import pytest
 import torch
 from conftest import VOCAB, tiny_hf_model
 
 from lit_vhead import AutoModelForCausalLMWithValueHead, PPOConfig, ReferenceConfig
 from lit_vhead.ppo.engine import Engine, PPOCore
+from lit_vhead.ppo.snapshot import UpdateSnapshot
 from lit_vhead.rollout import Rollout
 
 BATCH = 8
@@ -243,3 +247,83 @@ def test_without_undo_failed_update_the_error_says_which_steps_were_kept():
                        r"optimizer step\(s\) it had taken \(ppo.undo_failed_update=false\)"):
         core.step(engine_for(policy, optimizer), rollout(), torch.linspace(-10, 10, BATCH), eos_token_id=1)
     assert len(optimizer.grad_norms) == 1 and changed(before, policy) and core.state_dict() == ppo_state
+
+
+def test_the_undo_copy_is_an_unlinked_file_in_undo_dir_freed_when_the_step_ends(tmpfs):
+    """The copy of the weights and Adam's moments lives in ``ppo.undo_dir`` (not in the process's memory) while
+    the update runs, under no name, and is gone when the PPO step ends."""
+    undo_dir = tmpfs("16m")
+    config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, undo_dir=str(undo_dir))
+    policy = AutoModelForCausalLMWithValueHead(tiny_hf_model("gpt2"))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = RecordingAdam(params, lr=1e-4)
+    seen = []
+    optimizer.register_step_pre_hook(lambda *_: seen.append((shutil.disk_usage(undo_dir).used,
+                                                               os.listdir(undo_dir))))
+    empty = shutil.disk_usage(undo_dir).used
+    core, weights = PPOCore(config), sum(p.numel() * p.element_size() for p in params)
+    for step in range(2):
+        seen.clear()
+        core.step(engine_for(policy, optimizer), rollout(), torch.linspace(-10, 10, BATCH), eos_token_id=1)
+        copies = 1 if step == 0 else 3  # Adam's moments exist from its first step on
+        assert len(seen) == 8 and all(used - empty >= copies * weights and names == [] for used, names in seen)
+        assert shutil.disk_usage(undo_dir).used == empty
+
+
+def test_an_undo_dir_without_room_fails_before_anything_changes(tmpfs):
+    """A full ``ppo.undo_dir`` stops the step before its first optimizer step, names the directory and the fixes,
+    and leaves the model, the optimizer and the PPO state as they were."""
+    undo_dir = tmpfs("64k")  # the tiny policy's weights alone are 148 kB
+    config = PPOConfig(batch_size=BATCH, mini_batch_size=2, ppo_epochs=2, use_score_scaling=True,
+                       undo_dir=str(undo_dir))
+    policy = AutoModelForCausalLMWithValueHead(tiny_hf_model("gpt2"))
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    optimizer = RecordingAdam([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+    core = PPOCore(config)
+    ppo_state = core.state_dict()
+    with pytest.raises(OSError, match=rf"Could not write the copy that undoes a failed PPO update \(\d+ MiB written\) "
+                       rf"to {undo_dir}: .*No space left on device.*Nothing was changed. Free space there, point "
+                       r"ppo.undo_dir at a directory with room, or set ppo.undo_failed_update=false."):
+        core.step(engine_for(policy, optimizer), rollout(), torch.linspace(-10, 10, BATCH), eos_token_id=1)
+    assert optimizer.grad_norms == [] and not changed(before, policy) and core.state_dict() == ppo_state
+    assert os.listdir(undo_dir) == []
+    config.undo_failed_update = False  # the way out the error names
+    core.step(engine_for(policy, optimizer), rollout(), torch.linspace(-10, 10, BATCH), eos_token_id=1)
+    assert len(optimizer.grad_norms) == 8 and changed(before, policy)
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.Adam(params, lr=0.1),
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+])
+def test_the_undo_copy_restores_every_kind_of_tensor_bitwise(make):
+    """bf16 and non-contiguous parameters, and the optimizer's tensor and non-tensor state, come back bit for bit,
+    into the same objects (a parameter stays the one the model and optimizer hold)."""
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3, 4).t()),
+              torch.nn.Parameter(torch.randn(7, dtype=torch.bfloat16)), torch.nn.Parameter(torch.tensor(2.5))]
+    assert not params[1].is_contiguous()
+    optimizer = make(params)
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            sum((p.float() ** 2).sum() for p in params).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    train(2)
+    weights = [p.detach().clone() for p in params]
+    state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
+             for i, p in enumerate(params)}
+    snapshot = UpdateSnapshot(optimizer)
+    train(3)
+    optimizer.param_groups[0]["lr"] = 7.0
+    assert not torch.equal(params[0], weights[0])
+    snapshot.restore()
+    snapshot.close()
+    assert all(torch.equal(p, w) and p.dtype == w.dtype for p, w in zip(params, weights))
+    assert optimizer.param_groups[0]["lr"] == 0.1 and all(p.grad is None for p in params)
+    for i, p in enumerate(params):
+        assert optimizer.state[p].keys() == state[i].keys()
+        assert all(torch.equal(v, state[i][k]) if torch.is_tensor(v) else v == state[i][k]
+                   for k, v in optimizer.state[p].items())
+    train(1)  # the optimizer goes on from the restored state

@@ -27,29 +27,6 @@ RESUME_ARGS = ["ppo.steps=8", "ppo.batch_size=8", "ppo.mini_batch_size=4", "ppo.
 TIMING = ("time/",)
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """``mount(size)``: a fresh tmpfs of that size under ``tmp_path`` (another filesystem than the system temp dir),
-    unmounted afterwards."""
-    mounted = []
-
-    def mount(size: str):
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs (a second filesystem of a chosen size) needs root")
-        where = tmp_path / f"tmpfs{len(mounted)}"
-        where.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def child_env(**extra):
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **extra}
 

@@ -342,6 +342,7 @@ def no_model_built(monkeypatch):
         (["ckpt_path=/nonexistent.ckpt"], FileNotFoundError, "/nonexistent.ckpt"),
         (["trainer.precision=16-mixed"], ValueError, "trainer.precision=16-mixed (fp16 autocast) needs a GPU"),
         (["model.dtype=foo"], ValueError, "model.dtype='foo' is not a torch dtype: use float32, bfloat16"),
+        (["ppo.undo_dir={tmp}/a_file"], ValueError, "ppo.undo_dir='{tmp}/a_file' is not a directory"),
         (["~model.config.bos_token_id", "~model.config.eos_token_id"], ValueError,
          "The model config's bos_token_id=50256 is outside the policy's vocabulary of 259 tokens (ids 0-258): set it "
          "to a token of the vocabulary (the tokenizer's is 1; with python train.py: model.config.bos_token_id=1)."),

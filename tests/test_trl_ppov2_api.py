@@ -283,3 +283,32 @@ def test_saved_policy_and_critic_reload_in_a_fresh_process(standins, tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env,
                             check=True)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == here
+
+
+def test_report_to_wandb_logs_trls_metrics_and_completions_offline(standins, tmp_path, monkeypatch):
+    """``report_to="wandb"`` goes through transformers' own WandbCallback, as in TRL: the offline run holds TRL
+    0.29.1's metric names, the sample-completions table and the run's config, and the run is closed at the end."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "lit-vhead-test")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths(standins)["policy"])
+    prompts = Dataset.from_dict({"input_ids": [tokenizer(t)["input_ids"] for t in ("a long day", "the river")]})
+    trainer = make_trainer(standins, tmp_path, eval_dataset=prompts,
+                           args={"report_to": "wandb", "num_sample_generations": 1, "save_strategy": "no",
+                                 "run_name": "ppo-wandb", "per_device_eval_batch_size": 2})
+    try:
+        trainer.train()
+    finally:
+        wandb.finish()
+    assert trainer.state.global_step == 3
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    log = runs[0].read_bytes()
+    for key in (b"objective/kl", b"objective/rlhf_reward", b"loss/value_avg", b"val/clipfrac_avg", b"val/ratio",
+                b"val/num_eos_tokens", b"episode", b"completions", b"ppo-wandb", b"num_ppo_epochs"):
+        assert key in log, key

@@ -309,44 +309,53 @@ class PPOCore:
         minibatches = -(-batch_size // ppo.mini_batch_size)
         updates = ppo.ppo_epochs * (minibatches // ppo.gradient_accumulation_steps)
         skipped, applied, snapshot = 0, 0, None
-        for epoch in range(ppo.ppo_epochs):
-            order = torch.as_tensor(engine.order(batch_size), device=rollout.response_ids.device)
-            stats = {}
-            for i, begin in enumerate(range(0, batch_size, ppo.mini_batch_size)):
-                index = order[begin : begin + ppo.mini_batch_size]
-                mini = rollout.select(index)
-                logprobs, logits, vpreds, _ = stages.rollout_forward(engine.model, mini, engine.temperature, True)
-                if engine.critic is not None:
-                    vpreds = stages.critic_values(engine.critic, mini)
-                width = mini.logprobs.shape[1]
-                logprobs, logits, vpreds = (_right_align(t, width) for t in (logprobs, logits, vpreds))
-                pg_loss, vf_loss, stats = stages.loss(
-                    mini.logprobs, mini.values, logits, vpreds.float(), logprobs, mini.train_mask,
-                    advantages[index], returns[index],
-                )
-                loss = pg_loss + vf_loss if engine.train_policy else vf_loss
-                ratios.append((logprobs.detach() - mini.logprobs).exp()[mini.train_mask.bool()])
-                if not torch.isfinite(loss):
-                    where = f"PPO step {step_index} (PPO epoch {epoch + 1} of {ppo.ppo_epochs}, minibatch {i + 1} of "
-                    raise self._failed(loss, f"{where}{minibatches})", applied, snapshot, optimizer)
-                if snapshot is None and updates > 1 and ppo.undo_failed_update:
-                    snapshot = UpdateSnapshot(optimizer)  # before the first backward: it may step (in backward)
-                skipped += int(float(stats.get("policy/ratio_mean", 0.0)) > ppo.ratio_threshold)
-                engine.backward(loss / ppo.gradient_accumulation_steps)
-                if (i + 1) % ppo.gradient_accumulation_steps == 0:
-                    if ppo.max_grad_norm is not None:
-                        engine.clip_gradients(ppo.max_grad_norm)
-                    optimizer.step()
+        try:
+            for epoch in range(ppo.ppo_epochs):
+                order = torch.as_tensor(engine.order(batch_size), device=rollout.response_ids.device)
+                stats = {}
+                for i, begin in enumerate(range(0, batch_size, ppo.mini_batch_size)):
+                    index = order[begin : begin + ppo.mini_batch_size]
+                    mini = rollout.select(index)
+                    logprobs, logits, vpreds, _ = stages.rollout_forward(engine.model, mini, engine.temperature, True)
+                    if engine.critic is not None:
+                        vpreds = stages.critic_values(engine.critic, mini)
+                    width = mini.logprobs.shape[1]
+                    logprobs, logits, vpreds = (_right_align(t, width) for t in (logprobs, logits, vpreds))
+                    pg_loss, vf_loss, stats = stages.loss(
+                        mini.logprobs, mini.values, logits, vpreds.float(), logprobs, mini.train_mask,
+                        advantages[index], returns[index],
+                    )
+                    loss = pg_loss + vf_loss if engine.train_policy else vf_loss
+                    ratios.append((logprobs.detach() - mini.logprobs).exp()[mini.train_mask.bool()])
+                    if not torch.isfinite(loss):
+                        where = f"PPO step {step_index} (PPO epoch {epoch + 1} of {ppo.ppo_epochs}, "
+                        where += f"minibatch {i + 1} of {minibatches})"
+                        raise self._failed(loss, where, applied, snapshot, optimizer)
+                    if snapshot is None and updates > 1 and ppo.undo_failed_update:
+                        try:
+                            snapshot = UpdateSnapshot(optimizer, ppo.undo_dir)  # before the first backward (may step)
+                        except OSError:
+                            self._undo(None, optimizer)  # its error says nothing was changed: the PPO state too
+                            raise
+                    skipped += int(float(stats.get("policy/ratio_mean", 0.0)) > ppo.ratio_threshold)
+                    engine.backward(loss / ppo.gradient_accumulation_steps)
+                    if (i + 1) % ppo.gradient_accumulation_steps == 0:
+                        if ppo.max_grad_norm is not None:
+                            engine.clip_gradients(ppo.max_grad_norm)
+                        optimizer.step()
+                        optimizer.zero_grad()
+                        applied += 1
+                    # Autocast caches the low-precision copy of each weight for its whole region (Fabric's and a
+                    # user's own cover the PPO step; Lightning's has the cache off): drop it, or the next minibatch
+                    # runs on the weights before this update.
+                    torch.clear_autocast_cache()
+                    all_stats.append({k: v for k, v in stats.items() if v.numel() == 1})  # arrays: not kept
+                if ppo.early_stopping and stages._early_stop(stats["policy/policykl"]):
                     optimizer.zero_grad()
-                    applied += 1
-                # Autocast caches the low-precision copy of each weight for its whole region (Fabric's and a user's
-                # own cover the PPO step; Lightning's has the cache off): drop it, or the next minibatch runs on the
-                # weights before this update.
-                torch.clear_autocast_cache()
-                all_stats.append({k: v for k, v in stats.items() if v.numel() == 1})  # arrays: not kept
-            if ppo.early_stopping and stages._early_stop(stats["policy/policykl"]):
-                optimizer.zero_grad()
-                break
+                    break
+        finally:
+            if snapshot is not None:
+                snapshot.close()  # frees the undo file now, not when a traceback holding this frame goes
         return skipped
 
 

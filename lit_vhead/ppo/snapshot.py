@@ -2,43 +2,113 @@
 
 A PPO step takes ``ppo_epochs x minibatches`` optimizer steps; a loss that turns NaN/inf in a later minibatch would
 leave the earlier ones applied. :class:`UpdateSnapshot` copies what the optimizer changes (its parameters and its
-state, e.g. Adam's moments) before the first of them, and puts it back exactly. It costs one copy of the trainable
-weights and the optimizer state while the update runs (a LoRA policy: the adapters'; a full fine-tune with Adam:
-three times the weights in fp32), freed when the step ends; ``PPOCore`` takes it only when a step has more than one
-optimizer step to undo, and not at all with ``ppo.undo_failed_update=false``.
+state, e.g. Adam's moments) before the first of them, and puts it back exactly.
+
+The copy is as large as the trainable weights and the optimizer state (a LoRA policy: the adapters'; a full
+fine-tune with Adam: three times the weights in fp32), so it is written to an unlinked temporary file
+(``ppo.undo_dir``, default the system's temp directory): the operating system's page cache holds it, which it can
+write out and reclaim, instead of the process's own memory, and it is only read back when a step fails. Nothing is
+left on disk, even after a kill. ``PPOCore`` takes it only when a step has more than one optimizer step to undo,
+and not at all with ``ppo.undo_failed_update=false``.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+import tempfile
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import torch
 
 from lit_vhead.ppo.optimizer_in_backward import unwrap
 
+_CHUNK = 1 << 30  # one write/read call moves at most this many bytes (Linux caps a call at ~2 GiB)
 
-def _clone(value: Any) -> Any:
-    return value.detach().clone() if isinstance(value, torch.Tensor) else copy.deepcopy(value)
+
+@dataclass(frozen=True, eq=False)
+class _Stored:
+    """Where one tensor's bytes are in the undo file, and the tensor they go back into."""
+
+    tensor: torch.Tensor
+    offset: int
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``tensor`` (an FSDP2 DTensor's shard), detached."""
+    tensor = tensor.detach()
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _bytes(tensor: torch.Tensor) -> memoryview:
+    """A view of ``tensor``'s bytes (no copy for a contiguous CPU tensor)."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        tensor = tensor.to("cpu").contiguous()
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 class UpdateSnapshot:
     """The parameters, per-parameter state and hyper-parameters of ``optimizer`` (Lightning's/Fabric's wrapper or
-    a torch optimizer) at construction; :meth:`restore` puts them back and drops any gradients."""
+    a torch optimizer) at construction, the tensors in an unlinked file in ``directory``; :meth:`restore` puts them
+    back and drops any gradients, :meth:`close` frees the file."""
 
-    def __init__(self, optimizer: Any) -> None:
+    def __init__(self, optimizer: Any, directory: str | None = None) -> None:
         self.optimizer = unwrap(optimizer)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.weights = [p.detach().clone() for p in self.params]
-        self.state = {p: {k: _clone(v) for k, v in s.items()} for p, s in self.optimizer.state.items()}
-        self.groups = [{k: _clone(v) for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.file: BinaryIO = tempfile.TemporaryFile(dir=directory, prefix="lit_vhead-undo-", buffering=0)
+        try:
+            self.weights = [self._write(p) for p in self.params]
+            # The state's tensors are kept (the optimizer updates them in place) and their bytes written.
+            self.state = {p: {k: self._write(v) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                              for k, v in s.items()} for p, s in self.optimizer.state.items()}
+        except OSError as error:
+            written = self.file.seek(0, 2) / 2**20
+            self.close()
+            raise OSError(
+                f"Could not write the copy that undoes a failed PPO update ({written:.0f} MiB written) to "
+                f"{directory or tempfile.gettempdir()}: {error}. Nothing was changed. Free space there, point "
+                "ppo.undo_dir at a directory with room, or set ppo.undo_failed_update=false."
+            ) from error
+        groups = self.optimizer.param_groups
+        self.groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in groups]
+
+    def _write(self, tensor: torch.Tensor) -> _Stored:
+        stored = _Stored(tensor, self.file.tell())
+        data = _bytes(_local(tensor))
+        for begin in range(0, len(data), _CHUNK):
+            chunk = data[begin : begin + _CHUNK]
+            while chunk:
+                chunk = chunk[self.file.write(chunk) :]
+        return stored
+
+    def _read_back(self, stored: _Stored) -> torch.Tensor:
+        """Put ``stored``'s bytes back into its tensor, in place (a parameter stays the same object)."""
+        tensor = _local(stored.tensor)
+        direct = tensor.device.type == "cpu" and tensor.is_contiguous()
+        target = tensor if direct else torch.empty(tensor.shape, dtype=tensor.dtype)
+        data = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+        self.file.seek(stored.offset)
+        done = 0
+        while done < len(data):
+            read = self.file.readinto(data[done : done + _CHUNK])
+            if not read:
+                raise OSError(f"the undo file ended early ({done} of {len(data)} bytes of a tensor read)")
+            done += read
+        if not direct:
+            tensor.copy_(target)
+        return stored.tensor
 
     @torch.no_grad()
     def restore(self) -> None:
-        for param, weight in zip(self.params, self.weights):
-            param.copy_(weight)
+        for stored in self.weights:
+            self._read_back(stored)
+        state = {p: {k: self._read_back(v) if isinstance(v, _Stored) else copy.deepcopy(v) for k, v in s.items()}
+                 for p, s in self.state.items()}
         self.optimizer.state.clear()
-        self.optimizer.state.update(self.state)
+        self.optimizer.state.update(state)
         for group, saved in zip(self.optimizer.param_groups, self.groups):
             group.update(saved)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        self.file.close()
