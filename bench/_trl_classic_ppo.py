@@ -48,6 +48,7 @@ def main() -> None:
         ppo_epochs=args.ppo_epochs,
         learning_rate=args.learning_rate,
         seed=args.seed,
+        **({"cpu_kernels": args.cpu_kernels} if args.impl == "lit_vhead" else {}),
     )
     trainer = PPOTrainer(config, model, ref_model=None, tokenizer=tokenizer)
     q_len, r_len = args.query_len, args.response_len

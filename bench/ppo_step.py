@@ -62,7 +62,10 @@ compare ratios from one run, and repeat runs.
     python3 bench/ppo_step.py --preset gpt2-small --accelerator gpu --sides floor,ours,gemm   # on a GPU
 
 The report starts with the machine (CPU model, whether bf16 has hardware support: AMX or AVX512-BF16) and the
-``cpu_kernels="auto"`` decision of the ``ours`` side with the probe's GEMM rates: figures hold for that CPU only.
+``cpu_kernels="auto"`` decision with the probe's GEMM rates: figures hold for that CPU only. The probe runs once, in
+this script before any side starts (``--cpu-kernels auto``, the default), and every lit_vhead side that does not set
+``cpu_kernels`` itself runs that choice: a probe taken in each side's process could decide differently under a
+moment's load, and the sides would then compare different kernels.
 
 Prints a table, then ONE JSON line (``{"bench": "ppo_step", ...}``).
 """
@@ -130,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--trl-python", default=None, help="python of a venv with TRL 0.11.4 (see the docstring)")
     p.add_argument("--sides", default=None, help=f"comma-separated subset of {','.join(SIDES)}")
+    p.add_argument("--cpu-kernels", choices=("auto", "true", "false"), default="auto",
+                   help="ppo.cpu_kernels of the lit_vhead sides that do not set it; auto: probed once here, before any "
+                        "side starts, and that choice passed to every side")
     p.add_argument("--impl", default="trl", help=argparse.SUPPRESS)  # _trl_classic_ppo.py: trl | lit_vhead
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: run one side in this process
     args = p.parse_args(argv)
@@ -337,7 +343,7 @@ def run_ours(args, side: str) -> dict:
             "mini_batch_size": args.mini_batch_size,
             "ppo_epochs": args.ppo_epochs,
             "learning_rate": args.learning_rate,
-            "cpu_kernels": variant.get("cpu_kernels", "auto"),
+            "cpu_kernels": variant.get("cpu_kernels", args.cpu_kernels),
             "compile": variant.get("compile", False),
             "optimizer_in_backward": variant.get("optimizer_in_backward", False),
             "undo_failed_update": variant.get("undo_failed_update", True),
@@ -369,15 +375,7 @@ def run_ours(args, side: str) -> dict:
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=RandomQueryDataModule())
-    from lit_vhead import kernels
-
-    shapes = kernels.gemm_shapes(module.policy)
-    auto = {"auto_onednn": kernels.use_cpu_kernels("auto", module.policy)}
-    if shapes and kernels.onednn_available():  # the probe this process's cpu_kernels="auto" decided by
-        probe = kernels.probe_gemms(shapes)
-        auto.update(probe_shapes=[list(s) for s in shapes], probe_pytorch_gflops=round(probe.pytorch_gflops, 1),
-                    probe_onednn_gflops=round(probe.onednn_gflops, 1))
-    return {"side": side, **peak_memory(), **auto}
+    return {"side": side, **peak_memory()}
 
 
 # ----------------------------------------------------------------------------------------- side: floor
@@ -550,7 +548,8 @@ def run_gemm(args) -> dict:
 
 # ----------------------------------------------------------------------------------------- orchestration
 def child_command(args, side: str) -> list[str]:
-    flags = [f"--preset={args.preset}", f"--accelerator={args.accelerator}", f"--sides={args.sides}"]
+    flags = [f"--preset={args.preset}", f"--accelerator={args.accelerator}", f"--sides={args.sides}",
+             f"--cpu-kernels={args.cpu_kernels}"]
     for name in ("n_layer", "n_embd", "n_head", "vocab_size", "batch_size", "query_len", "response_len",
                  "mini_batch_size", "ppo_epochs", "learning_rate", "steps", "warmup", "seed", "threads"):
         flags.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
@@ -628,8 +627,7 @@ def summarise(steps: list[dict], first: dict, result: dict) -> dict:
         values = [s[key] for s in steps if s.get(key) is not None]
         if values:
             out[key] = round(statistics.median(values), 4)
-    for key in ("gemm_gflop", "distinct_gemms", "gemm_calls", "auto_onednn", "probe_shapes", "probe_pytorch_gflops",
-                "probe_onednn_gflops"):
+    for key in ("gemm_gflop", "distinct_gemms", "gemm_calls"):
         if key in result:
             out[key] = result[key]
     return out
@@ -694,19 +692,42 @@ def machine_facts(args) -> dict:
     return facts
 
 
-def print_report(args, sides: list[str], summary: dict, ratios: dict, machine: dict) -> None:
+def probe_kernels(args) -> dict:
+    """``cpu_kernels="auto"``'s decision for this workload's model, probed once (this process, quiet: before any side
+    starts); ``args.cpu_kernels`` becomes the choice the sides run."""
+    if args.cpu_kernels != "auto" or args.accelerator != "cpu":
+        return {}
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lit_vhead import kernels
+
+    torch.set_num_threads(args.threads)
+    shapes = kernels.gemm_shapes(GPT2LMHeadModel(GPT2Config(**gpt2_config_kwargs(args))))
+    if not kernels.onednn_available():
+        args.cpu_kernels = "false"
+        return {"auto_onednn": False}
+    probe = kernels.probe_gemms(shapes)
+    args.cpu_kernels = "true" if probe.use_onednn else "false"
+    return {"auto_onednn": probe.use_onednn, "probe_shapes": [list(s) for s in shapes],
+            "probe_pytorch_gflops": round(probe.pytorch_gflops, 1),
+            "probe_onednn_gflops": round(probe.onednn_gflops, 1)}
+
+
+def print_report(args, sides: list[str], summary: dict, ratios: dict, machine: dict, auto: dict) -> None:
     bf16 = ", ".join(machine["bf16_hardware"]) if machine["bf16_hardware"] else "none (bf16 is emulated)"
     print(
         f"\nMachine: {machine['cpu']} ({machine['cpu_capability']}, bf16 hardware: {bf16}), "
         f"torch {machine['torch']}, {machine['threads']} thread(s)" + (f", GPU {machine['gpu']}" if "gpu" in machine
                                                                          else "")
     )
-    auto = next((summary[s] for s in ("ours", *OURS) if s in summary and "probe_shapes" in summary[s]), None)
-    if auto is not None:
+    if "probe_shapes" in auto:
         speedup = auto["probe_onednn_gflops"] / auto["probe_pytorch_gflops"]
-        print(f"cpu_kernels=auto chose {'oneDNN' if auto['auto_onednn'] else 'PyTorch'}'s GEMMs: probe at "
-              f"{auto['probe_shapes']}: PyTorch {auto['probe_pytorch_gflops']} GFLOP/s, oneDNN "
+        print(f"cpu_kernels=auto chose {'oneDNN' if auto['auto_onednn'] else 'PyTorch'}'s GEMMs for every side: probe "
+              f"at {auto['probe_shapes']}: PyTorch {auto['probe_pytorch_gflops']} GFLOP/s, oneDNN "
               f"{auto['probe_onednn_gflops']} GFLOP/s ({speedup:.2f}x; taken from 1.2x)")
+    else:
+        print(f"cpu_kernels={args.cpu_kernels} for the sides that do not set it")
     print(
         f"\nPPO step, GPT-2 {args.n_layer}x{args.n_embd} vocab {args.vocab_size}, batch {args.batch_size}, "
         f"{args.query_len}+{args.response_len} tokens, mini-batch {args.mini_batch_size}, {args.ppo_epochs} epochs; "
@@ -755,6 +776,7 @@ def main() -> None:
     import tempfile
 
     sides = [s for s in args.sides.split(",") if s and (s != "trl" or args.trl_python)]
+    auto = probe_kernels(args)
     log_dir = Path(tempfile.mkdtemp(prefix="ppo_step_bench_"))
     children = {}
     for side in sides:  # set up one at a time, so no side's set-up overlaps another's steps
@@ -775,7 +797,7 @@ def main() -> None:
     summary = {side: summarise(measured[side], children[side].steps[0], results[side]) for side in sides}
     ratios = ratios_of(summary, measured)
     machine = machine_facts(args)
-    print_report(args, sides, summary, ratios, machine)
+    print_report(args, sides, summary, ratios, machine, auto)
     print(
         json.dumps(
             {
@@ -783,6 +805,7 @@ def main() -> None:
                 "workload": {k: v for k, v in vars(args).items() if k not in ("side", "trl_python", "impl")},
                 "trl_python": args.trl_python,
                 "machine": machine,
+                "cpu_kernels_auto": auto,
                 "unit": "seconds per PPO step",
                 "sides": summary,
                 "ratios": ratios,

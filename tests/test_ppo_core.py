@@ -315,6 +315,7 @@ def test_the_undo_copy_restores_every_kind_of_tensor_bitwise(make):
     state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in optimizer.state[p].items()}
              for i, p in enumerate(params)}
     snapshot = UpdateSnapshot(optimizer)
+    snapshot.wait()  # the copy is written in the background: whole before anything steps
     train(3)
     optimizer.param_groups[0]["lr"] = 7.0
     assert not torch.equal(params[0], weights[0])

@@ -116,6 +116,20 @@ class PPOCore:
 
     def _step(self, engine: Engine, stages: PPOStages, rollout: Rollout, raw_scores: torch.Tensor,
               eos_token_id: int | None, step_index: int) -> StepOutput:
+        """The update, with the copy that undoes it (:class:`UpdateSnapshot`) when it takes more than one optimizer
+        step and ``ppo.undo_failed_update``: written while the rollout's passes run, freed when the step ends."""
+        ppo = self.config
+        minibatches = -(-rollout.response_ids.shape[0] // ppo.mini_batch_size)
+        updates = ppo.ppo_epochs * (minibatches // ppo.gradient_accumulation_steps)
+        snapshot = UpdateSnapshot(engine.optimizer, ppo.undo_dir) if updates > 1 and ppo.undo_failed_update else None
+        try:
+            return self._update(engine, stages, rollout, raw_scores, eos_token_id, step_index, snapshot)
+        finally:
+            if snapshot is not None:
+                snapshot.close()  # frees the file now, not when a traceback holding this frame goes
+
+    def _update(self, engine: Engine, stages: PPOStages, rollout: Rollout, raw_scores: torch.Tensor,
+                eos_token_id: int | None, step_index: int, snapshot: UpdateSnapshot | None) -> StepOutput:
         ppo, timings = self.config, {}
         self._state_before = self.state_dict()
         start = time.perf_counter()
@@ -140,7 +154,7 @@ class PPOCore:
             timings["time/ppo/compute_advantages"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
-        train_stats, skipped = self._optimize(engine, stages, rollout, advantages, returns, step_index)
+        train_stats, skipped = self._optimize(engine, stages, rollout, advantages, returns, step_index, snapshot)
         timings["time/ppo/optimize_step"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -225,7 +239,8 @@ class PPOCore:
         return tuple(columns[4:]) or None
 
     def _optimize(self, engine: Engine, stages: PPOStages, rollout: Rollout, advantages: torch.Tensor,
-                  returns: torch.Tensor, step_index: int) -> tuple[dict[str, torch.Tensor], int]:
+                  returns: torch.Tensor, step_index: int,
+                  snapshot: UpdateSnapshot | None) -> tuple[dict[str, torch.Tensor], int]:
         """``ppo_epochs`` passes of shuffled minibatches, one optimizer step per backward batch (TRL's loop), the
         step inside backward where that is exact (``ppo.optimizer_in_backward``).
 
@@ -236,7 +251,8 @@ class PPOCore:
             engine.optimizer, ppo.max_grad_norm, ppo.gradient_accumulation_steps, engine.local_gradients
         ) is None
         with optimizer_in_backward(engine.optimizer) if in_backward else contextlib.nullcontext():
-            skipped = self._epochs(engine, stages, rollout, advantages, returns, step_index, ratios, all_stats)
+            skipped = self._epochs(engine, stages, rollout, advantages, returns, step_index, ratios, all_stats,
+                                   snapshot)
         mask = rollout.train_mask.bool()
         train_stats = stack_dicts(all_stats)
         train_stats["policy/advantages"] = advantages[mask].unsqueeze(0)
@@ -281,7 +297,7 @@ class PPOCore:
     def _failed(self, loss: torch.Tensor, where: str, applied: int, snapshot: UpdateSnapshot | None,
                 optimizer: Any) -> FloatingPointError:
         """Undo what can be undone (:meth:`_undo`); the error says exactly what the model and optimizer now hold."""
-        self._undo(snapshot, optimizer)
+        self._undo(snapshot if applied else None, optimizer)
         as_before = "the model, the optimizer and the PPO state are as they were before this PPO step"
         if not applied:
             kept = f"no optimizer step had been taken: {as_before}"
@@ -296,66 +312,62 @@ class PPOCore:
         )
 
     def _epochs(self, engine: Engine, stages: PPOStages, rollout: Rollout, advantages: torch.Tensor,
-                returns: torch.Tensor, step_index: int, ratios: list[torch.Tensor], all_stats: list[dict]) -> int:
+                returns: torch.Tensor, step_index: int, ratios: list[torch.Tensor], all_stats: list[dict],
+                snapshot: UpdateSnapshot | None) -> int:
         """The minibatch loop of :meth:`_optimize`; appends to ``ratios`` and ``all_stats``, returns the number of
         skipped batches.
 
-        A loss that is NaN/inf undoes the optimizer steps this PPO step took: when the step has more than one (and
-        ``ppo.undo_failed_update``), the optimizer's weights and state are copied before the first
-        (:class:`UpdateSnapshot`), and freed when the step ends.
+        A loss that is NaN/inf undoes the optimizer steps this PPO step took, from ``snapshot`` (see :meth:`_step`),
+        whose copy must be whole before the first backward.
         """
         ppo, optimizer = self.config, engine.optimizer
         batch_size = rollout.response_ids.shape[0]
         minibatches = -(-batch_size // ppo.mini_batch_size)
-        updates = ppo.ppo_epochs * (minibatches // ppo.gradient_accumulation_steps)
-        skipped, applied, snapshot = 0, 0, None
-        try:
-            for epoch in range(ppo.ppo_epochs):
-                order = torch.as_tensor(engine.order(batch_size), device=rollout.response_ids.device)
-                stats = {}
-                for i, begin in enumerate(range(0, batch_size, ppo.mini_batch_size)):
-                    index = order[begin : begin + ppo.mini_batch_size]
-                    mini = rollout.select(index)
-                    logprobs, logits, vpreds, _ = stages.rollout_forward(engine.model, mini, engine.temperature, True)
-                    if engine.critic is not None:
-                        vpreds = stages.critic_values(engine.critic, mini)
-                    width = mini.logprobs.shape[1]
-                    logprobs, logits, vpreds = (_right_align(t, width) for t in (logprobs, logits, vpreds))
-                    pg_loss, vf_loss, stats = stages.loss(
-                        mini.logprobs, mini.values, logits, vpreds.float(), logprobs, mini.train_mask,
-                        advantages[index], returns[index],
-                    )
-                    loss = pg_loss + vf_loss if engine.train_policy else vf_loss
-                    ratios.append((logprobs.detach() - mini.logprobs).exp()[mini.train_mask.bool()])
-                    if not torch.isfinite(loss):
-                        where = f"PPO step {step_index} (PPO epoch {epoch + 1} of {ppo.ppo_epochs}, "
-                        where += f"minibatch {i + 1} of {minibatches})"
-                        raise self._failed(loss, where, applied, snapshot, optimizer)
-                    if snapshot is None and updates > 1 and ppo.undo_failed_update:
-                        try:
-                            snapshot = UpdateSnapshot(optimizer, ppo.undo_dir)  # before the first backward (may step)
-                        except OSError:
-                            self._undo(None, optimizer)  # its error says nothing was changed: the PPO state too
-                            raise
-                    skipped += int(float(stats.get("policy/ratio_mean", 0.0)) > ppo.ratio_threshold)
-                    engine.backward(loss / ppo.gradient_accumulation_steps)
-                    if (i + 1) % ppo.gradient_accumulation_steps == 0:
-                        if ppo.max_grad_norm is not None:
-                            engine.clip_gradients(ppo.max_grad_norm)
-                        optimizer.step()
-                        optimizer.zero_grad()
-                        applied += 1
-                    # Autocast caches the low-precision copy of each weight for its whole region (Fabric's and a
-                    # user's own cover the PPO step; Lightning's has the cache off): drop it, or the next minibatch
-                    # runs on the weights before this update.
-                    torch.clear_autocast_cache()
-                    all_stats.append({k: v for k, v in stats.items() if v.numel() == 1})  # arrays: not kept
-                if ppo.early_stopping and stages._early_stop(stats["policy/policykl"]):
+        skipped, applied, waited = 0, 0, False
+        for epoch in range(ppo.ppo_epochs):
+            order = torch.as_tensor(engine.order(batch_size), device=rollout.response_ids.device)
+            stats = {}
+            for i, begin in enumerate(range(0, batch_size, ppo.mini_batch_size)):
+                index = order[begin : begin + ppo.mini_batch_size]
+                mini = rollout.select(index)
+                logprobs, logits, vpreds, _ = stages.rollout_forward(engine.model, mini, engine.temperature, True)
+                if engine.critic is not None:
+                    vpreds = stages.critic_values(engine.critic, mini)
+                width = mini.logprobs.shape[1]
+                logprobs, logits, vpreds = (_right_align(t, width) for t in (logprobs, logits, vpreds))
+                pg_loss, vf_loss, stats = stages.loss(
+                    mini.logprobs, mini.values, logits, vpreds.float(), logprobs, mini.train_mask,
+                    advantages[index], returns[index],
+                )
+                loss = pg_loss + vf_loss if engine.train_policy else vf_loss
+                ratios.append((logprobs.detach() - mini.logprobs).exp()[mini.train_mask.bool()])
+                if not torch.isfinite(loss):
+                    where = f"PPO step {step_index} (PPO epoch {epoch + 1} of {ppo.ppo_epochs}, "
+                    where += f"minibatch {i + 1} of {minibatches})"
+                    raise self._failed(loss, where, applied, snapshot, optimizer)
+                if snapshot is not None and not waited:  # before the first backward: it may step (in backward)
+                    try:
+                        snapshot.wait()
+                    except OSError:
+                        self._undo(None, optimizer)  # its error says nothing was changed: the PPO state too
+                        raise
+                    waited = True
+                skipped += int(float(stats.get("policy/ratio_mean", 0.0)) > ppo.ratio_threshold)
+                engine.backward(loss / ppo.gradient_accumulation_steps)
+                if (i + 1) % ppo.gradient_accumulation_steps == 0:
+                    if ppo.max_grad_norm is not None:
+                        engine.clip_gradients(ppo.max_grad_norm)
+                    optimizer.step()
                     optimizer.zero_grad()
-                    break
-        finally:
-            if snapshot is not None:
-                snapshot.close()  # frees the undo file now, not when a traceback holding this frame goes
+                    applied += 1
+                # Autocast caches the low-precision copy of each weight for its whole region (Fabric's and a
+                # user's own cover the PPO step; Lightning's has the cache off): drop it, or the next minibatch
+                # runs on the weights before this update.
+                torch.clear_autocast_cache()
+                all_stats.append({k: v for k, v in stats.items() if v.numel() == 1})  # arrays: not kept
+            if ppo.early_stopping and stages._early_stop(stats["policy/policykl"]):
+                optimizer.zero_grad()
+                break
         return skipped
 
 

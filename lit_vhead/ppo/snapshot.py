@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -26,12 +27,12 @@ from lit_vhead.ppo.optimizer_in_backward import unwrap
 _CHUNK = 1 << 30  # one write/read call moves at most this many bytes (Linux caps a call at ~2 GiB)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class _Stored:
-    """Where one tensor's bytes are in the undo file, and the tensor they go back into."""
+    """A tensor to put back, and where its bytes are in the undo file."""
 
     tensor: torch.Tensor
-    offset: int
+    offset: int = -1
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -49,37 +50,57 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
 
 class UpdateSnapshot:
     """The parameters, per-parameter state and hyper-parameters of ``optimizer`` (Lightning's/Fabric's wrapper or
-    a torch optimizer) at construction, the tensors in an unlinked file in ``directory``; :meth:`restore` puts them
-    back and drops any gradients, :meth:`close` frees the file."""
+    a torch optimizer) at construction, the tensors written in the background to an unlinked file in ``directory``;
+    :meth:`wait` for it before the optimizer changes anything, :meth:`restore` puts them back and drops any
+    gradients, :meth:`close` frees the file."""
 
     def __init__(self, optimizer: Any, directory: str | None = None) -> None:
         self.optimizer = unwrap(optimizer)
+        self.directory = directory
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.file: BinaryIO = tempfile.TemporaryFile(dir=directory, prefix="lit_vhead-undo-", buffering=0)
+        self.weights = [_Stored(p) for p in self.params]
+        # The state's tensors are kept (the optimizer updates them in place) and their bytes written.
+        self.state = {p: {k: _Stored(v) if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in s.items()}
+                      for p, s in self.optimizer.state.items()}
+        groups = self.optimizer.param_groups
+        self.groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in groups]
+        self._error: Exception | None = None
+        # The bytes are written while the caller's passes that only read the weights run (the rollout's forward
+        # passes); :meth:`wait` must return before anything changes the weights or the optimizer state.
+        self._writer = threading.Thread(target=self._write_all, name="lit_vhead-undo-copy", daemon=True)
+        self._writer.start()
+
+    def _write_all(self) -> None:
         try:
-            self.weights = [self._write(p) for p in self.params]
-            # The state's tensors are kept (the optimizer updates them in place) and their bytes written.
-            self.state = {p: {k: self._write(v) if isinstance(v, torch.Tensor) else copy.deepcopy(v)
-                              for k, v in s.items()} for p, s in self.optimizer.state.items()}
-        except OSError as error:
+            for stored in [*self.weights, *(v for s in self.state.values() for v in s.values())]:
+                if isinstance(stored, _Stored):
+                    self._write(stored)
+        except Exception as error:  # re-raised by wait(), in the caller's thread
+            self._error = error
+
+    def wait(self) -> None:
+        """Return once the copy is whole; a failed write (e.g. a full disk) raises here, before any change."""
+        self._writer.join()
+        if self._error is not None and not isinstance(self._error, OSError):
+            self.close()
+            raise self._error
+        if self._error is not None:
             written = self.file.seek(0, 2) / 2**20
             self.close()
             raise OSError(
                 f"Could not write the copy that undoes a failed PPO update ({written:.0f} MiB written) to "
-                f"{directory or tempfile.gettempdir()}: {error}. Nothing was changed. Free space there, point "
-                "ppo.undo_dir at a directory with room, or set ppo.undo_failed_update=false."
-            ) from error
-        groups = self.optimizer.param_groups
-        self.groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in groups]
+                f"{self.directory or tempfile.gettempdir()}: {self._error}. Nothing was changed. Free space there, "
+                "point ppo.undo_dir at a directory with room, or set ppo.undo_failed_update=false."
+            ) from self._error
 
-    def _write(self, tensor: torch.Tensor) -> _Stored:
-        stored = _Stored(tensor, self.file.tell())
-        data = _bytes(_local(tensor))
+    def _write(self, stored: _Stored) -> None:
+        stored.offset = self.file.tell()
+        data = _bytes(_local(stored.tensor))
         for begin in range(0, len(data), _CHUNK):
             chunk = data[begin : begin + _CHUNK]
             while chunk:
                 chunk = chunk[self.file.write(chunk) :]
-        return stored
 
     def _read_back(self, stored: _Stored) -> torch.Tensor:
         """Put ``stored``'s bytes back into its tensor, in place (a parameter stays the same object)."""
@@ -100,6 +121,7 @@ class UpdateSnapshot:
 
     @torch.no_grad()
     def restore(self) -> None:
+        self.wait()
         for stored in self.weights:
             self._read_back(stored)
         state = {p: {k: self._read_back(v) if isinstance(v, _Stored) else copy.deepcopy(v) for k, v in s.items()}
@@ -111,4 +133,5 @@ class UpdateSnapshot:
         self.optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
+        self._writer.join()
         self.file.close()
