@@ -17,6 +17,7 @@ import inspect
 import math
 import os
 import sys
+import tempfile
 import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
@@ -244,6 +245,16 @@ class PPOConfig:
                 f"ppo.undo_dir={self.undo_dir!r} is not a directory: give an existing directory for the undo copy's "
                 "temporary file, or null for the system's temp directory."
             )
+        if self.undo_failed_update:
+            directory = self.undo_dir or tempfile.gettempdir()
+            try:
+                tempfile.TemporaryFile(dir=directory, prefix="lit_vhead-undo-").close()
+            except OSError as error:
+                raise ValueError(
+                    f"ppo.undo_failed_update=true keeps its undo copy in a temporary file in {directory!r}, which "
+                    f"cannot hold one ({error.strerror or error}): point ppo.undo_dir at a writable directory, or set "
+                    "ppo.undo_failed_update=false."
+                ) from error
         if self.adap_kl_ctrl and (self.target <= 0 or self.horizon <= 0):
             raise ValueError(f"adap_kl_ctrl needs target > 0 and horizon > 0, got {self.target} and {self.horizon}.")
 

@@ -294,8 +294,14 @@ def test_the_cli_writes_checkpoints_beside_themselves_not_through_the_system_tem
     """configs/trainer gives the Trainer AtomicCheckpointIO: with no usable system temp dir, checkpoints still save
     (Lightning's own save stages every checkpoint there)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
-    train(compose(FAST + ["ppo.steps=2", "callbacks=default", "callbacks.progress_bar=null",
-                          "callbacks.model_checkpoint.every_n_epochs=1"], tmp_path / "run"))
+    overrides = FAST + ["ppo.steps=2", "callbacks=default", "callbacks.progress_bar=null",
+                        "callbacks.model_checkpoint.every_n_epochs=1"]
+    # The undo copy of a PPO update needs a temporary file: without one the run stops at once and says where to put it.
+    with pytest.raises(ValueError, match=rf"temporary file in '{tmp_path}/no-such-dir', which cannot hold one "
+                       r"\(No such file or directory\): point ppo.undo_dir at a writable directory"):
+        train(compose(overrides, tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    train(compose(overrides + [f"ppo.undo_dir={tmp_path}"], tmp_path / "run"))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [
         "last.ckpt", "ppo-step0000.ckpt", "ppo-step0001.ckpt"]
     assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
