@@ -24,6 +24,7 @@ from enum import Enum
 from typing import Any
 
 from lit_vhead.ppo.functional import KL_PENALTY_KINDS
+from lit_vhead.ppo.snapshot import open_undo_file
 from lit_vhead.value_head import DEFAULT_INITIALIZER_RANGE, INIT_STRATEGIES
 
 # The choices come from the code that implements them (one source each); the enums let Hydra reject a bad value.
@@ -248,7 +249,7 @@ class PPOConfig:
         if self.undo_failed_update:
             directory = self.undo_dir or tempfile.gettempdir()
             try:
-                tempfile.TemporaryFile(dir=directory, prefix="lit_vhead-undo-").close()
+                open_undo_file(directory).close()
             except OSError as error:
                 raise ValueError(
                     f"ppo.undo_failed_update=true keeps its undo copy in a temporary file in {directory!r}, which "

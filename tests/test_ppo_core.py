@@ -301,10 +301,12 @@ def test_an_undo_dir_without_room_fails_before_anything_changes(tmpfs):
     lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
 ])
 def test_the_undo_copy_restores_every_kind_of_tensor_bitwise(make):
-    """bf16 and non-contiguous parameters, and the optimizer's tensor and non-tensor state, come back bit for bit,
-    into the same objects (a parameter stays the one the model and optimizer hold)."""
+    """bf16 and non-contiguous parameters, one larger than the file's 16 MiB write/read buffer, and the optimizer's
+    tensor and non-tensor state come back bit for bit, into the same objects (a parameter stays the one the model
+    and optimizer hold)."""
     params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3, 4).t()),
-              torch.nn.Parameter(torch.randn(7, dtype=torch.bfloat16)), torch.nn.Parameter(torch.tensor(2.5))]
+              torch.nn.Parameter(torch.randn(7, dtype=torch.bfloat16)), torch.nn.Parameter(torch.tensor(2.5)),
+              torch.nn.Parameter(torch.randn(4_500_001))]
     assert not params[1].is_contiguous()
     optimizer = make(params)
 

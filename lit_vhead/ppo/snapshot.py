@@ -5,34 +5,42 @@ leave the earlier ones applied. :class:`UpdateSnapshot` copies what the optimize
 state, e.g. Adam's moments) before the first of them, and puts it back exactly.
 
 The copy is as large as the trainable weights and the optimizer state (a LoRA policy: the adapters'; a full
-fine-tune with Adam: three times the weights in fp32), so it is written to an unlinked temporary file
-(``ppo.undo_dir``, default the system's temp directory): the operating system's page cache holds it, which it can
-write out and reclaim, instead of the process's own memory, and it is only read back when a step fails. Nothing is
-left on disk, even after a kill. ``PPOCore`` takes it only when a step has more than one optimizer step to undo,
-and not at all with ``ppo.undo_failed_update=false``.
+fine-tune with Adam: three times the weights in fp32), so it goes to an unlinked temporary file (``ppo.undo_dir``,
+default the system's temp directory), written with direct I/O where the filesystem has it: past the page cache, so it
+takes neither the process's memory nor the kernel's (a buffered write of GBs under memory pressure costs seconds of
+CPU in page reclaim). It is only read back when a step fails. Nothing is left on disk, even after a kill.
+``PPOCore`` takes it only when a step has more than one optimizer step to undo, and not at all with
+``ppo.undo_failed_update=false``.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
+import mmap
+import os
 import tempfile
 import threading
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
 
 from lit_vhead.ppo.optimizer_in_backward import unwrap
 
-_CHUNK = 1 << 30  # one write/read call moves at most this many bytes (Linux caps a call at ~2 GiB)
+_BUFFER = 16 << 20  # bytes per write/read call; a multiple of the 4 KiB alignment that direct I/O needs
 
 
-@dataclass(eq=False)
-class _Stored:
-    """A tensor to put back, and where its bytes are in the undo file."""
-
-    tensor: torch.Tensor
-    offset: int = -1
+def open_undo_file(directory: str | None) -> BinaryIO:
+    """An unlinked file in ``directory`` (default: the system's temp directory), opened for direct I/O where the
+    filesystem allows it (else buffered)."""
+    directory = directory or tempfile.gettempdir()
+    if hasattr(os, "O_TMPFILE") and hasattr(os, "O_DIRECT"):
+        try:
+            return os.fdopen(os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_DIRECT, 0o600), "r+b", buffering=0)
+        except OSError as error:
+            if error.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EISDIR):
+                raise
+    return tempfile.TemporaryFile(dir=directory, prefix="lit_vhead-undo-", buffering=0)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -50,19 +58,20 @@ def _bytes(tensor: torch.Tensor) -> memoryview:
 
 class UpdateSnapshot:
     """The parameters, per-parameter state and hyper-parameters of ``optimizer`` (Lightning's/Fabric's wrapper or
-    a torch optimizer) at construction, the tensors written in the background to an unlinked file in ``directory``;
-    :meth:`wait` for it before the optimizer changes anything, :meth:`restore` puts them back and drops any
-    gradients, :meth:`close` frees the file."""
+    a torch optimizer) at construction, the tensors' bytes written in the background to an unlinked file in
+    ``directory``; :meth:`wait` for it before the optimizer changes anything, :meth:`restore` puts them back and drops
+    any gradients, :meth:`close` frees the file."""
 
     def __init__(self, optimizer: Any, directory: str | None = None) -> None:
         self.optimizer = unwrap(optimizer)
         self.directory = directory
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.file: BinaryIO = tempfile.TemporaryFile(dir=directory, prefix="lit_vhead-undo-", buffering=0)
-        self.weights = [_Stored(p) for p in self.params]
+        self.file = open_undo_file(directory)
         # The state's tensors are kept (the optimizer updates them in place) and their bytes written.
-        self.state = {p: {k: _Stored(v) if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in s.items()}
+        self.state = {p: {k: v if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in s.items()}
                       for p, s in self.optimizer.state.items()}
+        self.tensors = [*self.params, *(v for s in self.state.values() for v in s.values()
+                                        if isinstance(v, torch.Tensor))]  # in the file's order
         groups = self.optimizer.param_groups
         self.groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in groups]
         self._error: Exception | None = None
@@ -72,12 +81,29 @@ class UpdateSnapshot:
         self._writer.start()
 
     def _write_all(self) -> None:
+        """The tensors' bytes back to back, through an aligned buffer written in whole blocks."""
         try:
-            for stored in [*self.weights, *(v for s in self.state.values() for v in s.values())]:
-                if isinstance(stored, _Stored):
-                    self._write(stored)
+            buffer = memoryview(mmap.mmap(-1, _BUFFER))  # page-aligned, as direct I/O needs
+            filled = offset = 0
+            for tensor in self.tensors:
+                data = _bytes(_local(tensor))
+                while data:
+                    n = min(len(data), _BUFFER - filled)
+                    buffer[filled : filled + n] = data[:n]
+                    filled, data = filled + n, data[n:]
+                    if filled == _BUFFER:
+                        offset += self._write(buffer, offset)
+                        filled = 0
+            if filled:
+                self._write(buffer[: -(-filled // mmap.PAGESIZE) * mmap.PAGESIZE], offset)
         except Exception as error:  # re-raised by wait(), in the caller's thread
             self._error = error
+
+    def _write(self, block: memoryview, offset: int) -> int:
+        written = os.pwrite(self.file.fileno(), block, offset)
+        if written < len(block):  # a regular file takes fewer bytes than asked only when its disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return written
 
     def wait(self) -> None:
         """Return once the copy is whole; a failed write (e.g. a full disk) raises here, before any change."""
@@ -86,7 +112,7 @@ class UpdateSnapshot:
             self.close()
             raise self._error
         if self._error is not None:
-            written = self.file.seek(0, 2) / 2**20
+            written = os.fstat(self.file.fileno()).st_size / 2**20
             self.close()
             raise OSError(
                 f"Could not write the copy that undoes a failed PPO update ({written:.0f} MiB written) to "
@@ -94,37 +120,33 @@ class UpdateSnapshot:
                 "point ppo.undo_dir at a directory with room, or set ppo.undo_failed_update=false."
             ) from self._error
 
-    def _write(self, stored: _Stored) -> None:
-        stored.offset = self.file.tell()
-        data = _bytes(_local(stored.tensor))
-        for begin in range(0, len(data), _CHUNK):
-            chunk = data[begin : begin + _CHUNK]
-            while chunk:
-                chunk = chunk[self.file.write(chunk) :]
-
-    def _read_back(self, stored: _Stored) -> torch.Tensor:
-        """Put ``stored``'s bytes back into its tensor, in place (a parameter stays the same object)."""
-        tensor = _local(stored.tensor)
-        direct = tensor.device.type == "cpu" and tensor.is_contiguous()
-        target = tensor if direct else torch.empty(tensor.shape, dtype=tensor.dtype)
-        data = memoryview(target.reshape(-1).view(torch.uint8).numpy())
-        self.file.seek(stored.offset)
-        done = 0
-        while done < len(data):
-            read = self.file.readinto(data[done : done + _CHUNK])
-            if not read:
-                raise OSError(f"the undo file ended early ({done} of {len(data)} bytes of a tensor read)")
-            done += read
-        if not direct:
-            tensor.copy_(target)
-        return stored.tensor
+    def _read_all(self) -> None:
+        """Put the file's bytes back into the tensors, in place and in the order written (a parameter stays the
+        same object)."""
+        buffer = memoryview(mmap.mmap(-1, _BUFFER))
+        loaded = used = offset = 0
+        for tensor in self.tensors:
+            tensor = _local(tensor)
+            direct = tensor.device.type == "cpu" and tensor.is_contiguous()
+            target = tensor if direct else torch.empty(tensor.shape, dtype=tensor.dtype)
+            data = memoryview(target.reshape(-1).view(torch.uint8).numpy())
+            while data:
+                if used == loaded:
+                    loaded, used = os.preadv(self.file.fileno(), [buffer], offset), 0
+                    if not loaded:
+                        raise OSError("the undo file ended before every tensor was read back")
+                    offset += loaded
+                n = min(len(data), loaded - used)
+                data[:n] = buffer[used : used + n]
+                used, data = used + n, data[n:]
+            if not direct:
+                tensor.copy_(target)
 
     @torch.no_grad()
     def restore(self) -> None:
         self.wait()
-        for stored in self.weights:
-            self._read_back(stored)
-        state = {p: {k: self._read_back(v) if isinstance(v, _Stored) else copy.deepcopy(v) for k, v in s.items()}
+        self._read_all()
+        state = {p: {k: v if isinstance(v, torch.Tensor) else copy.deepcopy(v) for k, v in s.items()}
                  for p, s in self.state.items()}
         self.optimizer.state.clear()
         self.optimizer.state.update(state)
