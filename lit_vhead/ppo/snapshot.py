@@ -49,11 +49,18 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _bytes(tensor: torch.Tensor) -> memoryview:
-    """A view of ``tensor``'s bytes (no copy for a contiguous CPU tensor)."""
+def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s bytes as a flat uint8 CPU tensor (a view for a contiguous CPU tensor, else a copy)."""
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         tensor = tensor.to("cpu").contiguous()
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return tensor.reshape(-1).view(torch.uint8)
+
+
+def _staging_buffer() -> tuple[mmap.mmap, torch.Tensor]:
+    """A page-aligned buffer (as direct I/O needs) and a uint8 tensor over it: copies into and out of it run in
+    torch, without the GIL, so the writer thread does not stall the caller's Python."""
+    buffer = mmap.mmap(-1, _BUFFER)
+    return buffer, torch.frombuffer(buffer, dtype=torch.uint8)
 
 
 class UpdateSnapshot:
@@ -83,23 +90,23 @@ class UpdateSnapshot:
     def _write_all(self) -> None:
         """The tensors' bytes back to back, through an aligned buffer written in whole blocks."""
         try:
-            buffer = memoryview(mmap.mmap(-1, _BUFFER))  # page-aligned, as direct I/O needs
+            buffer, staging = _staging_buffer()
             filled = offset = 0
             for tensor in self.tensors:
-                data = _bytes(_local(tensor))
-                while data:
-                    n = min(len(data), _BUFFER - filled)
-                    buffer[filled : filled + n] = data[:n]
-                    filled, data = filled + n, data[n:]
+                data, begin = _flat_bytes(_local(tensor)), 0
+                while begin < len(data):
+                    n = min(len(data) - begin, _BUFFER - filled)
+                    staging[filled : filled + n].copy_(data[begin : begin + n])
+                    filled, begin = filled + n, begin + n
                     if filled == _BUFFER:
                         offset += self._write(buffer, offset)
                         filled = 0
             if filled:
-                self._write(buffer[: -(-filled // mmap.PAGESIZE) * mmap.PAGESIZE], offset)
+                self._write(memoryview(buffer)[: -(-filled // mmap.PAGESIZE) * mmap.PAGESIZE], offset)
         except Exception as error:  # re-raised by wait(), in the caller's thread
             self._error = error
 
-    def _write(self, block: memoryview, offset: int) -> int:
+    def _write(self, block: Any, offset: int) -> int:
         written = os.pwrite(self.file.fileno(), block, offset)
         if written < len(block):  # a regular file takes fewer bytes than asked only when its disk is full
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -123,22 +130,22 @@ class UpdateSnapshot:
     def _read_all(self) -> None:
         """Put the file's bytes back into the tensors, in place and in the order written (a parameter stays the
         same object)."""
-        buffer = memoryview(mmap.mmap(-1, _BUFFER))
+        buffer, staging = _staging_buffer()
         loaded = used = offset = 0
         for tensor in self.tensors:
             tensor = _local(tensor)
             direct = tensor.device.type == "cpu" and tensor.is_contiguous()
             target = tensor if direct else torch.empty(tensor.shape, dtype=tensor.dtype)
-            data = memoryview(target.reshape(-1).view(torch.uint8).numpy())
-            while data:
+            data, begin = target.reshape(-1).view(torch.uint8), 0
+            while begin < len(data):
                 if used == loaded:
                     loaded, used = os.preadv(self.file.fileno(), [buffer], offset), 0
                     if not loaded:
                         raise OSError("the undo file ended before every tensor was read back")
                     offset += loaded
-                n = min(len(data), loaded - used)
-                data[:n] = buffer[used : used + n]
-                used, data = used + n, data[n:]
+                n = min(len(data) - begin, loaded - used)
+                data[begin : begin + n].copy_(staging[used : used + n])
+                used, begin = used + n, begin + n
             if not direct:
                 tensor.copy_(target)
 
