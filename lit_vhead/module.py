@@ -15,7 +15,6 @@ and ``python train.py`` builds it from the Hydra config through the same constru
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import warnings
@@ -279,28 +278,36 @@ class PPOModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         step = self.current_epoch
         torch.manual_seed(step_seed(self.ppo.seed, step, self.global_rank))  # rollouts reproducible per (step, rank)
-        start = time.perf_counter()
-        rollout = self.generate_rollout(batch)
-        generation_time = time.perf_counter() - start
-        scores = self.score_rollout(rollout)
-        scores = check_scores(scores, len(rollout.query_ids), f"{type(self).__name__}.score_rollout").to(self.device)
-        engine = Engine(
-            model=self.policy,
-            policy=self.policy,
-            reference=self.reference,
-            optimizer=self.optimizers(),
-            backward=self.manual_backward,
-            clip_gradients=lambda max_norm: self.clip_gradients(self.optimizers(), max_norm, "norm"),
-            order=self.sample_order(step),
-            scheduler=self.lr_schedulers(),
-            temperature=self.ppo.generation.temperature,
-            local_gradients=gradients_are_local(self.trainer.strategy, self.trainer.precision_plugin),
-            critic=self.critic,
-            train_policy=step >= self.critic_config.warmup_steps,
-        )
-        # Critic warm-up: the value function trains alone, the policy's weights are held fixed.
-        with contextlib.nullcontext() if engine.train_policy else frozen(policy_parameters(self.policy, self.critic)):
-            output = self.core.step(engine, rollout, scores, self.tokenizer.eos_token_id, step)
+        # The copy that undoes a failed update is written in the background from here: generation and the
+        # rollout's passes only read the weights.
+        undo_copy = self.core.start_undo_copy(self.optimizers(), len(next(iter(batch.values()))))
+        try:
+            start = time.perf_counter()
+            rollout = self.generate_rollout(batch)
+            generation_time = time.perf_counter() - start
+            scores = self.score_rollout(rollout)
+            where = f"{type(self).__name__}.score_rollout"
+            scores = check_scores(scores, len(rollout.query_ids), where).to(self.device)
+            engine = Engine(
+                model=self.policy,
+                policy=self.policy,
+                reference=self.reference,
+                optimizer=self.optimizers(),
+                backward=self.manual_backward,
+                clip_gradients=lambda max_norm: self.clip_gradients(self.optimizers(), max_norm, "norm"),
+                order=self.sample_order(step),
+                scheduler=self.lr_schedulers(),
+                temperature=self.ppo.generation.temperature,
+                local_gradients=gradients_are_local(self.trainer.strategy, self.trainer.precision_plugin),
+                critic=self.critic,
+                train_policy=step >= self.critic_config.warmup_steps,
+            )
+            # Critic warm-up: the value function trains alone, the policy's weights are held fixed.
+            with frozen([] if engine.train_policy else policy_parameters(self.policy, self.critic)):
+                output = self.core.step(engine, rollout, scores, self.tokenizer.eos_token_id, step, undo_copy)
+        finally:
+            if undo_copy is not None:
+                undo_copy.close()
         self.generation.sync_weights(self.policy)
         metrics = output.stats
         metrics["time/ppo/generation"] = generation_time

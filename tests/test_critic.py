@@ -2,9 +2,11 @@
 a separate GAE lambda), and saving and resuming it."""
 
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import lightning as L
 import pytest
@@ -204,6 +206,40 @@ def fit(critic, byt5, peft=None, ppo=None, **kwargs):
     L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, callbacks=[record]).fit(module, datamodule=PromptDataModule(PROMPTS, byt5))
     return module, record
+
+
+def test_ppo_module_writes_the_undo_copy_while_it_generates_and_frees_it_whatever_happens(byt5, tmpfs):
+    """PPOModule starts the copy that undoes a failed update before generation (which only reads the weights), so
+    that the write overlaps it; the file is gone after each step, and after a step that fails midway."""
+    undo_dir = tmpfs("16m")
+    empty = shutil.disk_usage(undo_dir).used
+
+    class Watching(PPOModule):
+        fail_at = None
+
+        def generate_rollout(self, batch):
+            groups = self.optimizers().optimizer.param_groups
+            weights = sum(p.numel() * p.element_size() for g in groups for p in g["params"])
+            deadline = time.monotonic() + 30
+            while shutil.disk_usage(undo_dir).used - empty < weights:  # the policy's and the critic's weights
+                assert time.monotonic() < deadline, "no undo copy was being written during generation"
+                time.sleep(0.01)
+            if self.current_epoch == self.fail_at:
+                raise RuntimeError("generation failed")
+            return super().generate_rollout(batch)
+
+    def run(fail_at=None):
+        module = Watching(tiny_hf_model("gpt2"), byt5, vowels, critic="model", sample_table_every=0,
+                          ppo={**PPO, "undo_dir": str(undo_dir)})
+        module.fail_at = fail_at
+        L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(module, datamodule=PromptDataModule(PROMPTS, byt5))
+        return module
+
+    assert run().current_epoch == PPO["steps"] and shutil.disk_usage(undo_dir).used == empty
+    with pytest.raises(RuntimeError, match="generation failed"):
+        run(fail_at=1)
+    assert shutil.disk_usage(undo_dir).used == empty
 
 
 def changed(before, after):

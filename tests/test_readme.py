@@ -192,7 +192,8 @@ def test_ppo_from_python_scripts_in_the_readme_run(tmp_path, monkeypatch, capfd)
     scope = {}
     exec(seq2seq, scope)
     out = capfd.readouterr().out
-    assert same_form(out.strip().splitlines()[-1], claimed_seq2seq) and scope["trainer"].current_epoch == scope["ppo"].steps
+    assert same_form(out.strip().splitlines()[-1], claimed_seq2seq)
+    assert scope["trainer"].current_epoch == scope["ppo"].steps
     assert not [noise for noise in ("FLOPs", "v_num", "it/s", "\x1b[") if noise in out]
     reloaded = AutoModelForSeq2SeqLMWithValueHead.from_pretrained(tmp_path / "ppo-t5").eval()
     with torch.no_grad():

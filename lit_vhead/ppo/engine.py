@@ -107,21 +107,30 @@ class PPOCore:
 
     # ------------------------------------------------------------------ one update
     def step(self, engine: Engine, rollout: Rollout, raw_scores: torch.Tensor, eos_token_id: int | None = None,
-             step_index: int = 0) -> StepOutput:
-        """Update the policy on ``rollout`` scored ``raw_scores`` ([B]); returns the step's statistics."""
+             step_index: int = 0, undo_copy: UpdateSnapshot | None = None) -> StepOutput:
+        """Update the policy on ``rollout`` scored ``raw_scores`` ([B]); returns the step's statistics.
+
+        ``undo_copy``: the copy from :meth:`start_undo_copy`, started by a caller that can start it earlier (before
+        generation); without it the step starts its own when it needs one.
+        """
         ppo = self.config
         with fast_kernels(engine.policy, engine.reference.model, engine.critic, enabled=ppo.cpu_kernels,
                           backward=True):
-            return self._step(engine, engine.stages or self.stages, rollout, raw_scores, eos_token_id, step_index)
+            return self._step(engine, engine.stages or self.stages, rollout, raw_scores, eos_token_id, step_index,
+                              undo_copy)
+
+    def start_undo_copy(self, optimizer: Any, batch_size: int) -> UpdateSnapshot | None:
+        """Start writing the copy that undoes a PPO step on ``batch_size`` samples (:class:`UpdateSnapshot`), or
+        None when the step takes one optimizer step or ``ppo.undo_failed_update`` is off. It is written in the
+        background while passes that only read the weights run; the caller closes it."""
+        ppo = self.config
+        updates = ppo.ppo_epochs * (-(-batch_size // ppo.mini_batch_size) // ppo.gradient_accumulation_steps)
+        return UpdateSnapshot(optimizer, ppo.undo_dir) if updates > 1 and ppo.undo_failed_update else None
 
     def _step(self, engine: Engine, stages: PPOStages, rollout: Rollout, raw_scores: torch.Tensor,
-              eos_token_id: int | None, step_index: int) -> StepOutput:
-        """The update, with the copy that undoes it (:class:`UpdateSnapshot`) when it takes more than one optimizer
-        step and ``ppo.undo_failed_update``: written while the rollout's passes run, freed when the step ends."""
-        ppo = self.config
-        minibatches = -(-rollout.response_ids.shape[0] // ppo.mini_batch_size)
-        updates = ppo.ppo_epochs * (minibatches // ppo.gradient_accumulation_steps)
-        snapshot = UpdateSnapshot(engine.optimizer, ppo.undo_dir) if updates > 1 and ppo.undo_failed_update else None
+              eos_token_id: int | None, step_index: int, undo_copy: UpdateSnapshot | None) -> StepOutput:
+        """The update, with the copy that undoes it (:meth:`start_undo_copy`), freed when the step ends."""
+        snapshot = undo_copy or self.start_undo_copy(engine.optimizer, rollout.response_ids.shape[0])
         try:
             return self._update(engine, stages, rollout, raw_scores, eos_token_id, step_index, snapshot)
         finally:
