@@ -82,8 +82,8 @@ class UpdateSnapshot:
         groups = self.optimizer.param_groups
         self.groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in groups]
         self._error: Exception | None = None
-        # The bytes are written while the caller's passes that only read the weights run (the rollout's forward
-        # passes); :meth:`wait` must return before anything changes the weights or the optimizer state.
+        # The bytes are written while the caller's passes that only read the weights run (generation, the rollout's
+        # forward passes); :meth:`wait` must return before anything changes the weights or the optimizer state.
         self._writer = threading.Thread(target=self._write_all, name="lit_vhead-undo-copy", daemon=True)
         self._writer.start()
 
