@@ -280,7 +280,7 @@ class PPOModule(L.LightningModule):
         torch.manual_seed(step_seed(self.ppo.seed, step, self.global_rank))  # rollouts reproducible per (step, rank)
         # The copy that undoes a failed update is written in the background from here: generation and the
         # rollout's passes only read the weights.
-        undo_copy = self.core.start_undo_copy(self.optimizers(), len(next(iter(batch.values()))))
+        undo_copy = self.core.start_undo_copy(self.optimizers(), self.ppo.batch_size)
         try:
             start = time.perf_counter()
             rollout = self.generate_rollout(batch)

@@ -82,6 +82,7 @@ class UpdateSnapshot:
         groups = self.optimizer.param_groups
         self.groups = [{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in groups]
         self._error: Exception | None = None
+        self._closing = False
         # The bytes are written while the caller's passes that only read the weights run (generation, the rollout's
         # forward passes); :meth:`wait` must return before anything changes the weights or the optimizer state.
         self._writer = threading.Thread(target=self._write_all, name="lit_vhead-undo-copy", daemon=True)
@@ -94,7 +95,7 @@ class UpdateSnapshot:
             filled = offset = 0
             for tensor in self.tensors:
                 data, begin = _flat_bytes(_local(tensor)), 0
-                while begin < len(data):
+                while begin < len(data) and not self._closing:
                     n = min(len(data) - begin, _BUFFER - filled)
                     staging[filled : filled + n].copy_(data[begin : begin + n])
                     filled, begin = filled + n, begin + n
@@ -162,5 +163,7 @@ class UpdateSnapshot:
         self.optimizer.zero_grad(set_to_none=True)
 
     def close(self) -> None:
+        """Stop the write if it is still going (the step ended early, e.g. on an error) and free the file."""
+        self._closing = True
         self._writer.join()
         self.file.close()
