@@ -12,21 +12,13 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
-import platform
 import tempfile
 import time
 
 import torch
 
+from lit_vhead.kernels import cpu_name
 from lit_vhead.ppo.snapshot import UpdateSnapshot, open_undo_file
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def direct(optimizer: torch.optim.Optimizer, directory: str | None) -> None:

@@ -130,7 +130,8 @@ class PPOCore:
     def _step(self, engine: Engine, stages: PPOStages, rollout: Rollout, raw_scores: torch.Tensor,
               eos_token_id: int | None, step_index: int, undo_copy: UpdateSnapshot | None) -> StepOutput:
         """The update, with the copy that undoes it (:meth:`start_undo_copy`), freed when the step ends."""
-        snapshot = undo_copy or self.start_undo_copy(engine.optimizer, rollout.response_ids.shape[0])
+        snapshot = undo_copy if undo_copy is not None else self.start_undo_copy(engine.optimizer,
+                                                                                 rollout.response_ids.shape[0])
         try:
             return self._update(engine, stages, rollout, raw_scores, eos_token_id, step_index, snapshot)
         finally:

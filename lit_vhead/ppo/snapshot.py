@@ -71,7 +71,7 @@ class UpdateSnapshot:
 
     def __init__(self, optimizer: Any, directory: str | None = None) -> None:
         self.optimizer = unwrap(optimizer)
-        self.directory = directory
+        self.directory = directory or tempfile.gettempdir()
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.file = open_undo_file(directory)
         # The state's tensors are kept (the optimizer updates them in place) and their bytes written.
@@ -124,7 +124,7 @@ class UpdateSnapshot:
             self.close()
             raise OSError(
                 f"Could not write the copy that undoes a failed PPO update ({written:.0f} MiB written) to "
-                f"{self.directory or tempfile.gettempdir()}: {self._error}. Nothing was changed. Free space there, "
+                f"{self.directory}: {self._error}. Nothing was changed. Free space there, "
                 "point ppo.undo_dir at a directory with room, or set ppo.undo_failed_update=false."
             ) from self._error
 
